@@ -1,0 +1,93 @@
+"""Bottom-up-attention region features: one ``.npz`` per image, found by image id."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+class FeatureError(ValueError):
+    pass
+
+
+def image_id_of(name: str) -> int | None:
+    """``COCO_train2014_000000000009.jpg.npz`` -> 9 (the number after the last '_')."""
+    if not name.endswith(".npz"):
+        return None
+    stem = name.split("_")[-1].split(".")[0]
+    return int(stem) if stem.isdigit() else None
+
+
+class NpzFeatures:
+    """Maps image ids to feature files across some folders and reads them.
+
+    ``x`` is stored ``[2048, K]`` in the public files (and ``[K, 2048]`` by newer
+    extractors); both are accepted and returned as ``[K, 2048]``.
+    """
+
+    def __init__(self, dirs: list[Path], feat_size: int = 2048):
+        self.dirs, self.feat_size = [Path(d) for d in dirs], feat_size
+        self._paths: dict[int, Path] | None = None
+
+    @property
+    def paths(self) -> dict[int, Path]:
+        if self._paths is None:
+            self._paths = {}
+            for d in self.dirs:
+                if d.is_dir():
+                    for entry in os.scandir(d):
+                        iid = image_id_of(entry.name)
+                        if iid is not None:
+                            self._paths[iid] = Path(entry.path)
+        return self._paths
+
+    def check(self, needed: dict[int, str]) -> None:
+        """``needed``: image id -> who needs it (for the message). Fails on the first gap."""
+        missing = [iid for iid in needed if iid not in self.paths]
+        if missing:
+            iid = missing[0]
+            where = ", ".join(str(d) for d in self.dirs)
+            raise FeatureError(
+                f"no feature file for image id {iid} (needed by {needed[iid]}); looked for "
+                f"'*_{iid:012d}.jpg.npz' in {where}; {len(missing)} of {len(needed)} image ids "
+                f"have no feature file")
+
+    def load(self, image_id: int, max_regions: int):
+        """(features [K, 2048] float32, boxes [K, 4] float32, (height, width))."""
+        path = self.paths.get(image_id)
+        if path is None:
+            raise FeatureError(f"no feature file for image id {image_id} in "
+                               f"{', '.join(map(str, self.dirs))}")
+        return read_npz(path, self.feat_size, max_regions)
+
+
+def read_npz(path: Path, feat_size: int, max_regions: int):
+    try:
+        with np.load(path) as f:
+            x, boxes = f["x"], f["bbox"]
+            size = (float(f["image_h"]), float(f["image_w"]))
+    except KeyError as e:
+        raise FeatureError(f"{path}: missing key {e} (expected x, bbox, image_h, image_w)") \
+            from None
+    except (OSError, ValueError) as e:
+        raise FeatureError(f"{path}: not a readable .npz feature file ({e})") from None
+    if x.ndim != 2 or feat_size not in x.shape:
+        raise FeatureError(f"{path}: field 'x' has shape {list(x.shape)}, expected "
+                           f"[{feat_size}, K] or [K, {feat_size}]")
+    if x.shape[1] != feat_size:
+        x = x.T
+    if boxes.shape != (x.shape[0], 4):
+        raise FeatureError(f"{path}: field 'bbox' has shape {list(boxes.shape)}, expected "
+                           f"[{x.shape[0]}, 4] (one box per region of 'x')")
+    k = min(x.shape[0], max_regions)
+    return (np.ascontiguousarray(x[:k], np.float32), np.asarray(boxes[:k], np.float32), size)
+
+
+def pad_regions(items: list[np.ndarray], width: int) -> np.ndarray:
+    """Stack ``[K_i, width]`` arrays into ``[B, max K, width]`` with zero rows (= masked)."""
+    n = max(max(len(a) for a in items), 1)
+    out = np.zeros((len(items), n, width), np.float32)
+    for i, a in enumerate(items):
+        out[i, :len(a)] = a
+    return out

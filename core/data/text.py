@@ -1,0 +1,116 @@
+"""Tokenisation, vocabulary (the original's order) and word vectors from a chosen source."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from utils.io import atomic_write, atomic_write_json
+
+PAD, UNK, CLS = 0, 1, 2
+_STRIP = re.compile(r"([.,'!?\"()*#:;])")
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-case, strip . , ' ! ? " ( ) * # : ;, turn - and / into spaces, split."""
+    return _STRIP.sub("", text.lower()).replace("-", " ").replace("/", " ").split()
+
+
+def build_vocab(texts: Iterable[str]) -> dict[str, int]:
+    """PAD = 0, UNK = 1, CLS = 2, then words in first-seen order (released weights rely on it)."""
+    vocab = {"PAD": PAD, "UNK": UNK, "CLS": CLS}
+    for text in texts:
+        for word in tokenize(text):
+            if word not in vocab:
+                vocab[word] = len(vocab)
+    return vocab
+
+
+def encode(text: str, vocab: dict[str, int], max_len: int) -> np.ndarray:
+    """Token ids padded with PAD to ``max_len``; unknown words -> UNK; longer texts cut."""
+    ids = np.zeros(max_len, np.int64)
+    words = tokenize(text)[:max_len]
+    ids[:len(words)] = [vocab.get(w, UNK) for w in words]
+    return ids
+
+
+# ---- word vectors -----------------------------------------------------------------------
+
+def hash_vector(word: str, dim: int = 300) -> np.ndarray:
+    """A deterministic pseudo-random vector per word, for offline runs and the demo."""
+    seed = int.from_bytes(hashlib.sha1(word.encode()).digest()[:8], "little")
+    return (np.random.default_rng(seed).standard_normal(dim) * 0.3).astype(np.float32)
+
+
+def _spacy_vectors(model: str, words: list[str]) -> np.ndarray:
+    try:
+        import spacy
+    except ImportError:
+        raise RuntimeError("WORD_VECTORS=spacy:... needs spaCy (pip install spacy) and the "
+                           "model; or use WORD_VECTORS=glove:<path> or WORD_VECTORS=hash") from None
+    try:
+        nlp = spacy.load(model)
+    except OSError as e:
+        raise RuntimeError(f"WORD_VECTORS: spaCy model {model!r} is not installed ({e}); "
+                           f"spaCy 3 users: 'python -m spacy download en_core_web_lg' and set "
+                           f"WORD_VECTORS=spacy:en_core_web_lg, or use a GloVe file") from None
+    # The original takes nlp(word).vector; the same call works for spaCy 2 and 3 models.
+    return np.stack([nlp(w).vector for w in words]).astype(np.float32)
+
+
+def _glove_vectors(path: str, words: list[str], dim: int) -> np.ndarray:
+    """Vectors of ``words`` from a GloVe text file (one word and ``dim`` floats per line)."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"WORD_VECTORS: GloVe file {file} does not exist")
+    index = {w: i for i, w in enumerate(words)}
+    out = np.zeros((len(words), dim), np.float32)   # words GloVe lacks stay zero, like spaCy
+    with file.open(encoding="utf8") as f:
+        for n, line in enumerate(f, 1):
+            word, _, rest = line.rstrip("\n").partition(" ")
+            if word in index:
+                values = rest.split(" ")
+                if len(values) != dim:
+                    raise ValueError(f"{file}, line {n}: {len(values)} numbers for {word!r}, "
+                                     f"expected {dim}")
+                out[index[word]] = np.asarray(values, np.float32)
+    return out
+
+
+def word_vectors(source: str, words: list[str], dim: int = 300) -> np.ndarray:
+    kind, _, arg = source.partition(":")
+    if kind == "hash":
+        return np.stack([hash_vector(w, dim) for w in words])
+    if kind == "spacy":
+        return _spacy_vectors(arg, words)
+    if kind == "glove":
+        return _glove_vectors(arg, words, dim)
+    raise ValueError(f"WORD_VECTORS={source!r}: expected 'spacy:<model>', 'glove:<path>' or "
+                     f"'hash'")
+
+
+def cached_vocab_and_vectors(cache_dir: Path, corpus_files: list[Path], texts, source: str,
+                             dim: int, log) -> tuple[dict[str, int], np.ndarray]:
+    """Vocabulary and embedding matrix, computed once per corpus and source, then cached."""
+    stamp = hashlib.sha1(json.dumps([[str(p), p.stat().st_size] for p in corpus_files])
+                         .encode()).hexdigest()[:10]
+    vocab_file = cache_dir / f"vocab_{stamp}.json"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", source)[-60:]
+    emb_file = cache_dir / f"emb_{stamp}_{slug}.npy"
+    if vocab_file.exists():
+        vocab = json.loads(vocab_file.read_text())
+    else:
+        vocab = build_vocab(texts())
+        atomic_write_json(vocab_file, vocab)
+    if emb_file.exists():
+        vectors = np.load(emb_file)
+    else:
+        log(f"word vectors: computing {len(vocab)} vectors from {source}")
+        vectors = word_vectors(source, list(vocab), dim)
+        atomic_write(emb_file, lambda tmp: np.save(open(tmp, "wb"), vectors))
+    log(f"vocabulary: {len(vocab)} tokens ({vocab_file}); word vectors: {source} ({emb_file})")
+    return vocab, vectors

@@ -1,0 +1,187 @@
+"""What search and training share: run folder, device, loaders, weight step, evaluation."""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from core import config as config_mod
+from core.cli import fail, parse_args, usage, wants_help
+from core.model import Net
+from utils.checkpoint import CheckpointError, save_checkpoint
+
+
+class Run:
+    """One run, one folder: ``logs/<task>/<kind>/<version>/`` with config, log, outputs."""
+
+    def __init__(self, folder: Path, resume: bool):
+        self.folder = folder
+        if folder.exists() and not resume:
+            raise config_mod.ConfigError(
+                f"run folder {folder} already exists; pass --RESUME to continue it or choose "
+                f"another --VERSION (earlier runs are never overwritten)")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log_file = folder / "log.txt"
+
+    def log(self, message: str) -> None:
+        tqdm.write(message)
+        with self.log_file.open("a") as f:
+            f.write(message + "\n")
+
+    def checkpoint(self, epoch: int, payload: dict) -> Path:
+        path = self.folder / f"epoch{epoch}.pkl"
+        save_checkpoint(path, payload)
+        from utils.io import atomic_write_text
+        atomic_write_text(self.folder / "last", path.name + "\n")
+        return path
+
+    def last_checkpoint(self) -> Path:
+        pointer = self.folder / "last"
+        if not pointer.exists():
+            raise CheckpointError(f"{self.folder}: no checkpoint to resume from (no 'last' file)")
+        return self.folder / pointer.read_text().strip()
+
+
+def start(task_cls, kind: str, argv: list[str] | None = None):
+    """Flags -> config -> run folder -> task; exits with one clear line on a user error."""
+    argv = sys.argv[1:] if argv is None else argv
+    script = f"{kind}_{task_cls.name}.py"
+    if wants_help(argv):
+        print(usage(script, task_cls.datasets))
+        sys.exit(0)
+    try:
+        overrides = parse_args(argv, task_cls.datasets)
+        cfg = config_mod.resolve(task_cls.name, kind, overrides)
+        if cfg.DATASET not in task_cls.datasets:
+            raise config_mod.ConfigError(f"DATASET={cfg.DATASET!r}; expected one of "
+                                         f"{', '.join(task_cls.datasets)}")
+        if cfg.SEED is None:
+            cfg.SEED = int.from_bytes(os.urandom(3), "little")
+        mode = kind if cfg.RUN_MODE == "train" else cfg.RUN_MODE
+        run = Run(_run_folder(cfg, mode), cfg.RESUME)
+    except (config_mod.ConfigError, CheckpointError) as e:
+        fail(str(e))
+    if cfg.RESUME and (run.folder / "config.yaml").exists():
+        cfg = _resumed_config(run.folder / "config.yaml", task_cls.name, kind, overrides)
+    cfg.freeze()
+    seed_everything(cfg.SEED)
+    from utils.io import atomic_write_text
+    atomic_write_text(run.folder / "config.yaml", cfg.dump())
+    run.log(f"== {script} {' '.join(argv)}\n== run folder: {run.folder}\n== config:\n"
+            + cfg.dump().rstrip())
+    return cfg, run, task_cls(cfg, run.log)
+
+
+def _run_folder(cfg, mode: str) -> Path:
+    base = Path(cfg.LOG_ROOT) / cfg.TASK / mode
+    if cfg.VERSION:
+        return base / cfg.VERSION
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name, n = f"{cfg.DATASET}-{stamp}", 1
+    while (base / name).exists():
+        n += 1
+        name = f"{cfg.DATASET}-{stamp}-{n}"
+    cfg.VERSION = name
+    return base / name
+
+
+def _resumed_config(path: Path, task: str, kind: str, overrides: dict):
+    """The resumed run's own config, with this command line's overrides on top."""
+    import yaml
+    saved = yaml.safe_load(path.read_text())
+    values = {k: v for k, v in saved.items() if k in config_mod.KEYS}
+    values.update(overrides)
+    return config_mod.resolve(task, kind, values)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def device_of(cfg, log) -> torch.device:
+    if torch.cuda.is_available():
+        ids = [int(g) for g in str(cfg.GPU).split(",") if g.strip() != ""]
+        if len(ids) > 1:
+            log(f"note: this process uses GPU {ids[0]}; for several GPUs launch with torchrun")
+        return torch.device(f"cuda:{ids[0] if ids else 0}")
+    log("no GPU found: running on CPU")
+    return torch.device("cpu")
+
+
+def ensure_data(cfg, task, log) -> None:
+    """``--DATASET=demo``: build the embedded synthetic data once (seconds)."""
+    if cfg.DATASET == "demo":
+        t = time.time()
+        stats = task.build_demo(Path(cfg.DATA_ROOT))
+        log(f"demo data in {cfg.DATA_ROOT} ready ({time.time() - t:.1f} s): "
+            f"{ {k: v for k, v in stats.items() if not isinstance(v, dict)} }")
+
+
+def build_net(cfg, task, backbone) -> Net:
+    return Net(task.model_meta()["vocab_size"], task.word_vectors, cfg, backbone,
+               task.build_head())
+
+
+def loader(task, dataset: Dataset, cfg, batch_size: int, shuffle: bool, seed: int = 0):
+    """Batches in a fixed order per (seed, epoch) so that a resumed run sees the same data.
+
+    Always with its own generator: a loader without one draws its worker seed from the
+    global RNG, and an evaluation would then change the dropout masks of later steps.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                      num_workers=cfg.NUM_WORKERS, collate_fn=task.collate,
+                      pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+def weight_step(net: nn.Module, task, batch: dict, optim, params, clip: float) -> float:
+    """One optimiser step on the network weights; parameters without gradient stay put."""
+    optim.zero_grad(set_to_none=True)
+    loss = task.loss(net(batch), batch)
+    loss.backward()
+    if clip > 0:
+        nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip)
+    optim.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, task, dataset: Dataset, cfg, device, desc: str = "eval"):
+    """(metrics, predictions) of ``net`` on ``dataset``."""
+    was_training = net.training
+    net.eval()
+    predictions = []
+    for batch in tqdm(loader(task, dataset, cfg, cfg.eval_batch_size(), False), desc=desc,
+                      leave=False, dynamic_ncols=True):
+        batch = to_device(batch, device)
+        predictions += task.predict(net(batch), batch)
+    net.train(was_training)
+    return task.metric(predictions, dataset), predictions
+
+
+def format_metrics(metrics: dict) -> str:
+    parts = []
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            parts.append(f"{k}: " + ", ".join(f"{a} {b:.2f}" if isinstance(b, float) else
+                                             f"{a} {b}" for a, b in v.items()))
+        else:
+            parts.append(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}")
+    return " | ".join(parts)

@@ -1,0 +1,74 @@
+"""The task seam: everything a task differs in — data, head, loss, metric, demo data.
+
+The engine (search and train loops, checkpoints, run folder) asks a task these questions
+and nothing else; it knows nothing about questions, boxes or captions.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+
+class Task:
+    name = ""
+    datasets: tuple[str, ...] = ()   # values of --DATASET; 'demo' is the embedded synthetic one
+    main_metric = ""              # key of the metric dict that decides "better"
+    # (original prefix, our prefix) pairs applied when loading the original's checkpoints
+    original_key_prefixes: tuple[tuple[str, str], ...] = ()
+
+    def __init__(self, cfg, log):
+        self.cfg, self.log = cfg, log
+        self.vocab: dict[str, int] = {}
+        self.word_vectors = None
+
+    # --- data --------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Vocabulary, word vectors and label spaces (cached on disk where costly)."""
+        raise NotImplementedError
+
+    def dataset(self, split: str) -> Dataset:
+        """The samples of ``split`` (splits may be joined with '+')."""
+        raise NotImplementedError
+
+    def collate(self, samples: list[dict]) -> dict:
+        raise NotImplementedError
+
+    def build_demo(self, root: Path) -> dict:
+        raise NotImplementedError
+
+    # --- model -------------------------------------------------------------------------
+    def build_head(self) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, out, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def model_meta(self) -> dict:
+        """Sizes a checkpoint must record to rebuild the network (vocabularies...)."""
+        return {"vocab_size": len(self.vocab)}
+
+    # --- evaluation --------------------------------------------------------------------
+    def predict(self, out, batch: dict) -> list[dict]:
+        raise NotImplementedError
+
+    def metric(self, predictions: list[dict], dataset: Dataset) -> dict:
+        """Metrics of a split; empty when the split has no labels (e.g. a test split)."""
+        raise NotImplementedError
+
+    def write_predictions(self, predictions: list[dict], folder: Path, split: str) -> Path:
+        raise NotImplementedError
+
+    def baseline(self, train: Dataset, evaluated: Dataset) -> dict:
+        """A trivial baseline on the evaluated split, for the log (e.g. majority answer)."""
+        return {}
+
+
+def entries_of(dataset: Dataset) -> list:
+    """The ``entries`` of a task dataset, through any ``Subset`` views (search splits)."""
+    if isinstance(dataset, Subset):
+        inner = entries_of(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    return dataset.entries

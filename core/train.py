@@ -1,0 +1,113 @@
+"""Training a found architecture, and evaluating it (``--RUN=val``) or answering a test split."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from core.arch import Arch, load_arch, parse_arch
+from core.engine import (build_net, device_of, ensure_data, evaluate, format_metrics, loader,
+                         to_device, weight_step)
+from core.model import fixed_backbone
+from utils.checkpoint import (CheckpointError, load_checkpoint, load_weights, rng_state,
+                              set_rng_state)
+from utils.io import atomic_write_json
+from utils.schedule import lr_at, set_lr
+
+
+def run_train(cfg, task, run) -> dict:
+    device = device_of(cfg, run.log)
+    ensure_data(cfg, task, run.log)
+    task.prepare()
+    ckpt_path = _checkpoint_to_load(cfg, run)
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
+    arch = _architecture(cfg, ckpt, ckpt_path)
+    run.log(f"architecture: enc {' '.join(arch.enc)}\n              dec {' '.join(arch.dec)}")
+    net = build_net(cfg, task, fixed_backbone(cfg, arch)).to(device)
+    run.log(f"parameters: {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M")
+    if ckpt is not None:
+        load_weights(net, ckpt["state_dict"], str(ckpt_path), task.original_key_prefixes)
+        run.log(f"weights loaded from {ckpt_path}")
+    if cfg.RUN_MODE == "train":
+        return _train(cfg, task, run, net, arch, ckpt if cfg.RESUME else None, device)
+    split = cfg.EVAL_SPLIT if cfg.RUN_MODE == "val" else cfg.TEST_SPLIT
+    if ckpt is None:
+        run.log(f"warning: --RUN={cfg.RUN_MODE} without --CKPT_PATH evaluates untrained weights")
+    dataset = task.dataset(split)
+    metrics, predictions = evaluate(net, task, dataset, cfg, device, desc=split)
+    out = task.write_predictions(predictions, run.folder, split)
+    run.log(f"{split}: {format_metrics(metrics) if metrics else 'no labels'}; "
+            f"predictions -> {out}")
+    if metrics:
+        atomic_write_json(run.folder / f"metrics_{split}.json", metrics)
+    return metrics
+
+
+def _checkpoint_to_load(cfg, run) -> Path | None:
+    if cfg.RESUME and not cfg.CKPT_PATH:
+        return run.last_checkpoint()
+    return Path(cfg.CKPT_PATH) if cfg.CKPT_PATH else None
+
+
+def _architecture(cfg, ckpt, ckpt_path) -> Arch:
+    """--ARCH_PATH wins; otherwise the architecture stored in one of our checkpoints."""
+    if cfg.ARCH_PATH:
+        return load_arch(cfg.ARCH_PATH, cfg.ARCH_EPOCH, cfg.ENC_BLOCKS, cfg.DEC_BLOCKS)
+    if ckpt is not None and ckpt.get("arch") and ckpt.get("kind") == "train":
+        return parse_arch(ckpt["arch"], f"{ckpt_path} [arch]", cfg.ENC_BLOCKS, cfg.DEC_BLOCKS)
+    if ckpt is not None and ckpt.get("kind") == "search":
+        raise CheckpointError(f"{ckpt_path} is a search checkpoint; train its architecture "
+                              f"with --ARCH_PATH=<search folder>/arch.json --ARCH_EPOCH=N")
+    raise CheckpointError("no architecture: pass --ARCH_PATH (e.g. arch/mmnas_vqa.json)")
+
+
+def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
+    params = list(net.parameters())
+    optim = torch.optim.Adam(params, lr=cfg.LR_BASE, betas=tuple(cfg.OPT_BETAS),
+                             eps=cfg.OPT_EPS)
+    start_epoch, step = 0, 0
+    if resume_ckpt is not None:
+        optim.load_state_dict(resume_ckpt["net_optim"])
+        if "rng" in resume_ckpt:
+            set_rng_state(resume_ckpt["rng"])
+        start_epoch, step = resume_ckpt["epoch"], resume_ckpt.get("step", 0)
+        run.log(f"resuming after epoch {start_epoch}")
+    train_set = task.dataset(cfg.TRAIN_SPLIT)
+    eval_set = None
+    if cfg.EVAL_EVERY_EPOCH and cfg.EVAL_SPLIT not in cfg.TRAIN_SPLIT.split("+"):
+        eval_set = task.dataset(cfg.EVAL_SPLIT)
+        baseline = task.baseline(train_set, eval_set)
+        if baseline:
+            run.log(f"baseline on {cfg.EVAL_SPLIT}: {format_metrics(baseline)}")
+    run.log(f"training on {cfg.TRAIN_SPLIT}: {len(train_set)} samples")
+    history, metrics = [], {}
+    for epoch in range(start_epoch, cfg.MAX_EPOCH):
+        lr = lr_at(epoch, cfg.LR_BASE, cfg.LR_WARMUP_EPOCHS, cfg.LR_DECAY_EPOCHS,
+                   cfg.LR_DECAY_RATE)
+        set_lr(optim, lr)
+        net.train()
+        t0, total, n = time.time(), 0.0, 0
+        bar = tqdm(loader(task, train_set, cfg, cfg.BATCH_SIZE, True, cfg.SEED * 1000 + epoch),
+                   desc=f"train epoch {epoch + 1}/{cfg.MAX_EPOCH}", dynamic_ncols=True)
+        for batch in bar:
+            batch = to_device(batch, device)
+            total += weight_step(net, task, batch, optim, params, cfg.GRAD_CLIP)
+            n += len(batch["txt"])
+            step += 1
+            bar.set_postfix(loss=f"{total / n:.4f}", lr=f"{lr:.2e}")
+        ckpt = run.checkpoint(epoch + 1, {
+            "kind": "train", "task": task.name, "config": cfg.to_dict(),
+            "arch": arch.to_json(), "meta": task.model_meta(), "epoch": epoch + 1,
+            "step": step, "state_dict": net.state_dict(), "net_optim": optim.state_dict(),
+            "rng": rng_state()})
+        run.log(f"epoch {epoch + 1}: loss {total / max(n, 1):.4f}, lr {lr:.2e}, "
+                f"{n / (time.time() - t0):.1f} samples/s; checkpoint {ckpt.name}")
+        if eval_set is not None:
+            metrics, _ = evaluate(net, task, eval_set, cfg, device, desc=cfg.EVAL_SPLIT)
+            run.log(f"epoch {epoch + 1}: {cfg.EVAL_SPLIT} {format_metrics(metrics)}")
+            history.append({"epoch": epoch + 1, **metrics})
+            atomic_write_json(run.folder / "metrics.json", history)
+    run.log(f"training finished: checkpoints in {run.folder}")
+    return metrics
