@@ -66,7 +66,7 @@ class MixedOp(nn.Module):
             self._old_alpha = self.alpha.detach()[pair].clone()
         else:
             raise ValueError(f"ARCH_MODE must be 'full' or 'two', got {mode!r}")
-        gates = torch.zeros(len(self.names), device=self.alpha.device)
+        gates = torch.zeros_like(self.alpha.detach())
         gates[self.active] = 1.0
         self.gates = gates.requires_grad_(True)
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from core.arch import Arch
 from core.mixed import MixedOp
-from core.ops import OpSpec, build_op
+from core.ops import OpSpec, build_op, op_uses_rel
 from core.relations import image_relation, text_relation
 
 
@@ -91,7 +91,7 @@ class Net(nn.Module):
 
         def rel_inputs(need_txt: bool, need_img: bool):
             return (text_relation(words.detach(), txt_pad) if need_txt else None,
-                    image_relation(batch["boxes"], img_pad) if need_img else None)
+                    image_relation(batch["boxes"].to(feats.dtype), img_pad) if need_img else None)
 
         txt_mask, img_mask = txt_pad[:, None, None, :], img_pad[:, None, None, :]
         txt, img = self.backbone(txt, txt_mask, img, img_mask, rel_inputs)
@@ -147,10 +147,12 @@ def convert_supernet_state(state: dict, backbone: Backbone, arch: Arch) -> dict:
                 raise ValueError(f"{side}[{i}]: op {op!r} is not a candidate of the supernet "
                                  f"({', '.join(block.names)})")
             chosen[f"{side}_list.{i}."] = block.names.index(op)
+    unused = [f"backbone.linear_rel_{m}." for m, side in (("txt", "enc"), ("img", "dec"))
+              if not arch.uses(side, op_uses_rel)]
     out = {}
     for key, value in state.items():
         marker = ".candidate_ops."
-        if key.endswith(".alpha"):
+        if key.endswith(".alpha") or any(key.startswith(u) for u in unused):
             continue
         if marker in key:
             head, rest = key.split(marker, 1)

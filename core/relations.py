@@ -12,7 +12,6 @@ def image_relation(boxes: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
             log(w_i / w_j), log(h_i / h_j)] with the original's ``+1`` widths; zero where
     i or j is padding.
     """
-    boxes = boxes.float()
     w = (boxes[..., 2] - boxes[..., 0] + 1).clamp(min=1e-3)
     h = (boxes[..., 3] - boxes[..., 1] + 1).clamp(min=1e-3)
     cx = boxes[..., 0] + 0.5 * w

@@ -63,7 +63,8 @@ _INFO = {
     "contributor": "mmnas demo generator",
     "date_created": "2017-04-26 17:00:44",
 }
-_LICENSE = {"url": "http://creativecommons.org/licenses/by/4.0/", "name": "Creative Commons Attribution 4.0 International License"}
+_LICENSE = {"url": "http://creativecommons.org/licenses/by/4.0/",
+            "name": "Creative Commons Attribution 4.0 International License"}
 
 # --------------------------------------------------------------------------- answer normalisation
 
@@ -153,6 +154,12 @@ _ASK_SPATIAL = {
 }
 
 
+_QUESTION_TYPES = {"what color is the", "what is the color", "which color is the", "what shape is the",
+                   "what is the shape", "what size is the", "how big is the", "what material is the",
+                   "what is the", "how many", "is there a", "do you see a", "are there any", "are there",
+                   "is the", "what shape is", "what color is"}
+
+
 def _question_type(text: str) -> str:
     """VQA-style question_type: the leading words of the question, lower-cased."""
     words = text.rstrip("?").lower().split()
@@ -161,12 +168,6 @@ def _question_type(text: str) -> str:
         if head in _QUESTION_TYPES:
             return head
     return " ".join(words[:2])
-
-
-_QUESTION_TYPES = {"what color is the", "what is the color", "which color is the", "what shape is the",
-                   "what is the shape", "what size is the", "how big is the", "what material is the",
-                   "what is the", "how many", "is there a", "do you see a", "are there any", "are there",
-                   "is the", "what shape is", "what color is"}
 
 
 # --------------------------------------------------------------------------- question generators

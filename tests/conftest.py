@@ -1,0 +1,80 @@
+"""Shared fixtures: a VQA data tree built from the real VQA-v2 sample files in /work/shared."""
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REAL_VQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "vqa"
+VAL_QUESTIONS = "v2_OpenEnded_mscoco_val2014_questions.json"
+VAL_ANNOTATIONS = "v2_mscoco_val2014_annotations.json"
+TRAIN_ANNOTATIONS_SAMPLE = "v2_mscoco_train2014_annotations.sample.json"
+# The 19 images of the real val sample, in sorted order.
+VAL_IMAGE_IDS = [42, 131089, 131108, 131115, 240301, 262148, 262162, 262175, 262189, 262197,
+                 262200, 393225, 393226, 393243, 393254, 393266, 393267, 393271, 393274]
+
+
+def write_npz(path: Path, k: int, *, seed: int = 0, transposed: bool = True, x=None,
+              bbox=None, height: int = 480, width: int = 640) -> tuple[np.ndarray, np.ndarray]:
+    """A feature file in the real bottom-up-attention layout; returns (x [K, 2048], bbox).
+
+    ``transposed=True`` stores ``x`` as [2048, K] like the public files, False as [K, 2048].
+    ``x``/``bbox`` given explicitly are written as they are (to make broken files).
+    """
+    rng = np.random.default_rng(seed)
+    feats = rng.random((k, 2048), dtype=np.float32) + 0.01   # no all-zero row
+    boxes = np.sort(rng.uniform(0, 400, (k, 4)).astype(np.float32).reshape(k, 2, 2),
+                    axis=1).reshape(k, 4)
+    stored_x = x if x is not None else (feats.T.copy() if transposed else feats)
+    stored_b = bbox if bbox is not None else boxes
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x=stored_x, bbox=stored_b, image_h=np.int64(height),
+             image_w=np.int64(width), num_bbox=np.int64(len(stored_b)))
+    return feats, boxes
+
+
+def feature_name(split_dir: str, image_id: int) -> str:
+    return f"COCO_{split_dir}_{image_id:012d}.jpg.npz"
+
+
+@pytest.fixture
+def vqa_val_root(tmp_path):
+    """``tmp_path`` holding the real val questions/annotations and features for all 19 images.
+
+    Region counts vary (10..36); image 262148 stores ``x`` as [K, 2048], the others [2048, K].
+    Returns (root, {image_id: (x [K, 2048], bbox [K, 4])}).
+    """
+    (tmp_path / "vqa").mkdir()
+    for name in (VAL_QUESTIONS, VAL_ANNOTATIONS):
+        shutil.copyfile(REAL_VQA / name, tmp_path / "vqa" / name)
+    feats = {}
+    folder = tmp_path / "coco_extract" / "val2014"
+    for n, iid in enumerate(VAL_IMAGE_IDS):
+        k = 10 + (n * 7) % 27          # 10 .. 36
+        feats[iid] = write_npz(folder / feature_name("val2014", iid), k, seed=iid,
+                               transposed=iid != 262148)
+    return tmp_path, feats
+
+
+@pytest.fixture
+def npz_writer():
+    """``write_npz`` (see above), for tests that make their own feature files."""
+    return write_npz
+
+
+@pytest.fixture
+def vqa_task():
+    """``make(root, **config overrides)`` -> a VQATask on ``root`` with offline word vectors
+    and the shipped 3,129-answer dictionary; its log lines go to ``task.lines``."""
+    from core.config import resolve
+    from core.tasks.vqa import VQATask
+
+    def make(root, **over):
+        values = {"DATA_ROOT": str(root), "WORD_VECTORS": "hash",
+                  "ANSWER_DICT": "core/data/vqa_answer_dict.json"}
+        values.update(over)
+        lines = []
+        task = VQATask(resolve("vqa", "train", values), log=lines.append)
+        task.lines = lines
+        return task
+    return make

@@ -1,0 +1,110 @@
+"""Checkpoints: the original's released format loads; ours are self-describing and atomic."""
+import pytest
+import torch
+
+from core.arch import load_arch
+from core.tasks.vqa import VQATask
+from netkit import batch, fixed_net, small_cfg
+from utils.checkpoint import (CheckpointError, load_checkpoint, load_weights, map_original_keys,
+                              save_checkpoint)
+from utils.io import atomic_write
+
+
+def released_names(state: dict) -> dict:
+    """Our key names -> the original's (DDP 'module.', misspelt 'backnone.', heads on top)."""
+    out = {}
+    for key, value in state.items():
+        key = key.replace("backbone.", "backnone.", 1)
+        if key.startswith("head."):
+            key = key[len("head."):]
+        out["module." + key] = value
+    return out
+
+
+def small_arch():
+    cfg = small_cfg(ENC_BLOCKS=2, DEC_BLOCKS=3)
+    from core.arch import Arch
+    return cfg, Arch(("self_att_16", "feed_forward"),
+                     ("rel_self_att_16", "guided_att_16", "feed_forward"))
+
+
+def test_released_checkpoint_loads_unchanged(tmp_path):
+    cfg, arch = small_arch()
+    trained = fixed_net(cfg, arch, seed=1).eval()
+    released = {"state_dict": released_names(trained.state_dict()), "net_optim": {},
+                "epoch": 13}
+    assert "module.backnone.enc_list.0.mhatt.linear_q.weight" in released["state_dict"]
+    assert "module.attflat_img.linear_merge.weight" in released["state_dict"]
+    path = tmp_path / "epoch13.pkl"
+    torch.save(released, path)                    # as the original wrote it
+    fresh = fixed_net(cfg, arch, seed=2).eval()
+    load_weights(fresh, load_checkpoint(path)["state_dict"], str(path),
+                 VQATask.original_key_prefixes)
+    b = batch(cfg)
+    assert torch.equal(fresh(b), trained(b))
+
+
+def test_key_mapping_is_documented_by_example():
+    mapped = map_original_keys({"module.backnone.dec_list.3.mhatt.linear_r.weight": 1,
+                                "module.proj_norm.a_2": 2, "module.lstm.weight_ih_l0": 3},
+                               VQATask.original_key_prefixes)
+    assert mapped == {"backbone.dec_list.3.mhatt.linear_r.weight": 1, "head.proj_norm.a_2": 2,
+                      "lstm.weight_ih_l0": 3}
+
+
+def test_wrong_vocabulary_is_named(tmp_path):
+    cfg, arch = small_arch()
+    net = fixed_net(cfg, arch)
+    state = dict(net.state_dict())
+    state["embedding.weight"] = torch.zeros(99, cfg.WORD_EMBED_SIZE)
+    with pytest.raises(CheckpointError, match=r"embedding.weight: checkpoint \[99, 16\], "
+                                              r"network \[30, 16\]"):
+        load_weights(net, state, "x.pkl")
+
+
+def test_our_checkpoint_is_self_describing_and_weights_only(tmp_path):
+    cfg, arch = small_arch()
+    net = fixed_net(cfg, arch)
+    optim = torch.optim.Adam(net.parameters())
+    net(batch(cfg)).sum().backward()
+    optim.step()
+    from utils.checkpoint import rng_state, set_rng_state
+    path = tmp_path / "epoch1.pkl"
+    save_checkpoint(path, {"kind": "train", "config": cfg.to_dict(), "arch": arch.to_json(),
+                           "meta": {"vocab_size": 30}, "epoch": 1, "step": 5,
+                           "state_dict": net.state_dict(), "net_optim": optim.state_dict(),
+                           "rng": rng_state(torch.Generator().manual_seed(4))})
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["format"] == "mmnas-v1" and ckpt["config"]["HSIZE"] == 32
+    assert ckpt["arch"]["dec"][0] == ["rel_self_att_16"]
+    # the RNG state restores exactly
+    gen = torch.Generator()
+    set_rng_state(ckpt["rng"], gen)
+    expected = torch.Generator().manual_seed(4)
+    assert torch.equal(torch.rand(3, generator=gen), torch.rand(3, generator=expected))
+    # optimiser state round-trips
+    optim2 = torch.optim.Adam(fixed_net(cfg, arch).parameters())
+    optim2.load_state_dict(ckpt["net_optim"])
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "epoch1.pkl"
+    path.write_text("old")
+
+    def crash(tmp):
+        open(tmp, "w").write("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, crash)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["epoch1.pkl"]
+
+
+def test_shipped_architecture_builds_at_paper_size():
+    cfg = small_cfg(HSIZE=512, FLAT_MLP_SIZE=512, REL_SIZE=64, ENC_BLOCKS=12, DEC_BLOCKS=18,
+                    WORD_EMBED_SIZE=300, IMG_FEAT_SIZE=2048)
+    net = fixed_net(cfg, load_arch("arch/mmnas_vqa.json", 0, 12, 18))
+    names = net.state_dict().keys()
+    assert "backbone.dec_list.6.mhatt.linear_r.weight" in names     # dec 6 is RSA
+    assert net.backbone.dec_list[6].mhatt.heads == 8
