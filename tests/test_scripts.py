@@ -1,0 +1,108 @@
+"""End to end on the demo data: search, resume, train, val, test — through the scripts."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.engine import start
+from core.search import run_search
+from core.tasks.vqa import VQATask
+from core.train import run_train
+
+REPO = Path(__file__).resolve().parents[1]
+# tiny runs: few samples, small batches, architecture steps from the first epoch
+QUICK = ["--DATASET=demo", "--SUBSET=96", "--BS=16", "--NW=0", "--SEED=7"]
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    return [f"--DATA_ROOT={base / 'data'}", f"--LOG_ROOT={base / 'logs'}"], base
+
+
+def search(args):
+    cfg, run, task = start(VQATask, "search", args)
+    run_search(cfg, task, run)
+    return run.folder
+
+
+def train(args):
+    cfg, run, task = start(VQATask, "train", args)
+    return run_train(cfg, task, run), run.folder
+
+
+def test_search_script_writes_architecture_checkpoint_and_log(roots):
+    paths, base = roots
+    out = subprocess.run([sys.executable, "search_vqa.py", *QUICK, *paths, "--MAX_EPOCH=1",
+                          "--ARCH_START_EPOCH=0", "--VERSION=script"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    folder = base / "logs" / "vqa" / "search" / "script"
+    arch = json.loads((folder / "arch.json").read_text())
+    assert list(arch) == ["epoch1"] and len(arch["epoch1"]["dec"]) == 18
+    log = (folder / "log.txt").read_text()
+    assert "dec 17: SA" in log and "arg-max sub-network on the architecture split" in log
+    assert (folder / "epoch1.pkl").exists() and (folder / "last").read_text().strip() == \
+        "epoch1.pkl"
+    assert "HSIZE: 64" in (folder / "config.yaml").read_text()
+    # the search's architecture file trains directly (original flag name --GENO_EPOCH)
+    metrics, _ = train(QUICK + paths + [f"--ARCH_PATH={folder / 'arch.json'}",
+                                        "--GENO_EPOCH=1", "--MAX_EPOCH=1",
+                                        "--VERSION=from-search"])
+    assert "overall" in metrics
+
+
+def test_resumed_search_equals_uninterrupted_search(roots):
+    paths, base = roots
+    common = QUICK + paths + ["--ARCH_START_EPOCH=0", "--ARCH_STEP_EVERY=1"]
+    straight = search(common + ["--MAX_EPOCH=2", "--VERSION=straight"])
+    search(common + ["--MAX_EPOCH=1", "--VERSION=stopped"])
+    resumed = search(common + ["--MAX_EPOCH=2", "--VERSION=stopped", "--RESUME"])
+    a = torch.load(straight / "epoch2.pkl", weights_only=True)
+    b = torch.load(resumed / "epoch2.pkl", weights_only=True)
+    assert a["step"] == b["step"]
+    alphas = [k for k in a["state_dict"] if k.endswith("alpha")]
+    assert len(alphas) == 30
+    moved = torch.load(straight / "epoch1.pkl", weights_only=True)["state_dict"]
+    assert any(not torch.equal(moved[k], a["state_dict"][k]) for k in alphas)
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    assert json.loads((straight / "arch.json").read_text()) == \
+        json.loads((resumed / "arch.json").read_text())
+    assert torch.equal(a["arch_optim"]["state"][0]["exp_avg_sq"],
+                       b["arch_optim"]["state"][0]["exp_avg_sq"])
+
+
+def test_train_val_test_and_resume(roots):
+    paths, base = roots
+    common = QUICK + paths + ["--ARCH_PATH=arch/mmnas_vqa.json"]
+    metrics, folder = train(common + ["--MAX_EPOCH=1", "--VERSION=t"])
+    assert 0.0 <= metrics["overall"] <= 100.0 and set(metrics["perAnswerType"]) == \
+        {"yes/no", "number", "other"}
+    history = json.loads((folder / "metrics.json").read_text())
+    assert history[0]["epoch"] == 1
+    assert "baseline on val: majority_answer" in (folder / "log.txt").read_text()
+
+    # --RESUME continues after epoch 1 to epoch 2
+    train(common + ["--MAX_EPOCH=2", "--VERSION=t", "--RESUME"])
+    assert torch.load(folder / "epoch2.pkl", weights_only=True)["epoch"] == 2
+
+    # --RUN=val on the checkpoint gives the logged accuracy of that epoch
+    ckpt = f"--CKPT_PATH={folder / 'epoch2.pkl'}"
+    val, val_folder = train(QUICK + paths + ["--RUN=val", ckpt, "--VERSION=v"])
+    logged = json.loads((folder / "metrics.json").read_text())[-1]["overall"]
+    assert val["overall"] == pytest.approx(logged)
+    assert val_folder == base / "logs" / "vqa" / "val" / "v"
+
+    # --RUN=test writes the EvalAI upload file: every test question, one string answer
+    _, test_folder = train(QUICK + paths + ["--RUN=test", ckpt, "--VERSION=u"])
+    result = json.loads((test_folder / "result_test.json").read_text())
+    questions = json.loads((base / "data" / "vqa" /
+                            "v2_OpenEnded_mscoco_test2015_questions.json").read_text())
+    assert [r["question_id"] for r in result] == \
+        [q["question_id"] for q in questions["questions"][:96]]
+    assert all(set(r) == {"question_id", "answer"} and isinstance(r["answer"], str)
+               for r in result)
