@@ -1,8 +1,7 @@
 """Search an MMNas architecture for VQA: python3 search_vqa.py --DATASET=demo (see README)."""
-from core.engine import start
+from core.engine import main
 from core.search import run_search
 from core.tasks.vqa import VQATask
 
 if __name__ == "__main__":
-    cfg, run, task = start(VQATask, "search")
-    run_search(cfg, task, run)
+    main(VQATask, "search", run_search)

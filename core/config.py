@@ -147,7 +147,8 @@ def check_value(name: str, value: Any, source: str) -> Any:
         return None
     ok, fixed = _fits(key.type, value)
     if not ok:
-        raise ConfigError(f"{source}: {name} = {value!r} is not a {key.type}"
+        article = "an" if key.type[0] in "aeiou" else "a"
+        raise ConfigError(f"{source}: {name} = {value!r} is not {article} {key.type}"
                           f"{' or null' if key.optional else ''} ({key.doc})")
     return fixed
 
@@ -163,6 +164,11 @@ def _fits(type_: str, value: Any) -> tuple[bool, Any]:
     if type_ == "int":
         return isinstance(value, int) and not isinstance(value, bool), value
     if type_ == "float":
+        if isinstance(value, str):       # YAML 1.1 reads '1e-4' (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return ok, float(value) if ok else None
     if type_ == "str":
@@ -191,6 +197,14 @@ def read_yaml(path: Path, section: str) -> dict[str, Any]:
     return merged
 
 
+def _shown(path: Path) -> str:
+    """``cfgs/vqa.yml`` for the repository's own files, the full path otherwise."""
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def parse_flag_value(text: str) -> Any:
     """A command-line value as YAML would read it ('2' -> 2, '[10,12]' -> list, 'true')."""
     try:
@@ -214,7 +228,7 @@ def resolve(task: str, kind: str, overrides: dict[str, Any]) -> Config:
     for path in layers:
         if path.exists():
             for name, value in read_yaml(path, kind).items():
-                values[name] = check_value(name, value, str(path.relative_to(REPO)))
+                values[name] = check_value(name, value, _shown(path))
     for name, value in overrides.items():
         values[name] = check_value(name, value, "command line")
     return Config(values)

@@ -51,6 +51,30 @@ class Run:
         return self.folder / pointer.read_text().strip()
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "your input is wrong": shown as one line, not a traceback."""
+    from core.arch import ArchError
+    from core.data.features import FeatureError
+    return (config_mod.ConfigError, CheckpointError, ArchError, FeatureError,
+            FileNotFoundError, ValueError)
+
+
+def main(task_cls, kind: str, runner, argv: list[str] | None = None) -> None:
+    """A script's body: set up the run, call ``runner(cfg, task, run)``, report user errors.
+
+    Set ``MMNAS_TRACEBACK=1`` to see the full traceback of such an error.
+    """
+    cfg, run, task = start(task_cls, kind, argv)
+    try:
+        runner(cfg, task, run)
+    except user_errors() as e:
+        run.log(f"error: {e}")
+        if os.environ.get("MMNAS_TRACEBACK"):
+            raise
+        fail(str(e))
+    print(f"run folder: {run.folder}")
+
+
 def start(task_cls, kind: str, argv: list[str] | None = None):
     """Flags -> config -> run folder -> task; exits with one clear line on a user error."""
     argv = sys.argv[1:] if argv is None else argv

@@ -68,13 +68,13 @@ def load_weights(net: nn.Module, state: dict, source: str, head_prefixes=()) -> 
     problems = []
     if wrong:
         k, got, want = wrong[0]
-        problems.append(f"{len(wrong)} tensors have the wrong shape, e.g. {k}: checkpoint "
+        problems.append(f"{len(wrong)} tensor(s) with the wrong shape, e.g. {k}: checkpoint "
                         f"{list(got)}, network {list(want)} (another vocabulary, answer set, "
                         f"HSIZE or architecture?)")
     if missing:
-        problems.append(f"{len(missing)} network tensors are missing, e.g. {missing[:3]}")
+        problems.append(f"{len(missing)} network tensor(s) missing, e.g. {missing[:3]}")
     if unexpected:
-        problems.append(f"{len(unexpected)} checkpoint tensors fit nothing, e.g. "
+        problems.append(f"{len(unexpected)} checkpoint tensor(s) fit nothing, e.g. "
                         f"{unexpected[:3]}")
     if problems:
         raise CheckpointError(f"{source}: does not fit this network: " + "; ".join(problems))

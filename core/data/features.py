@@ -65,12 +65,15 @@ class NpzFeatures:
 def read_npz(path: Path, feat_size: int, max_regions: int):
     try:
         with np.load(path) as f:
+            absent = [k for k in ("x", "bbox", "image_h", "image_w") if k not in f.files]
+            if absent:
+                raise FeatureError(f"{path}: missing key(s) {', '.join(absent)} (a bottom-up "
+                                   f"feature file has x, bbox, image_h, image_w, num_bbox)")
             x, boxes = f["x"], f["bbox"]
             size = (float(f["image_h"]), float(f["image_w"]))
-    except KeyError as e:
-        raise FeatureError(f"{path}: missing key {e} (expected x, bbox, image_h, image_w)") \
-            from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:
+        if isinstance(e, FeatureError):
+            raise
         raise FeatureError(f"{path}: not a readable .npz feature file ({e})") from None
     if x.ndim != 2 or feat_size not in x.shape:
         raise FeatureError(f"{path}: field 'x' has shape {list(x.shape)}, expected "

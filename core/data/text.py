@@ -93,11 +93,16 @@ def word_vectors(source: str, words: list[str], dim: int = 300) -> np.ndarray:
                      f"'hash'")
 
 
+def files_stamp(files: list[Path]) -> str:
+    """Short hash of paths, sizes and modification times: a cache key that goes stale."""
+    facts = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return hashlib.sha1(json.dumps(facts).encode()).hexdigest()[:10]
+
+
 def cached_vocab_and_vectors(cache_dir: Path, corpus_files: list[Path], texts, source: str,
                              dim: int, log) -> tuple[dict[str, int], np.ndarray]:
     """Vocabulary and embedding matrix, computed once per corpus and source, then cached."""
-    stamp = hashlib.sha1(json.dumps([[str(p), p.stat().st_size] for p in corpus_files])
-                         .encode()).hexdigest()[:10]
+    stamp = files_stamp(corpus_files)
     vocab_file = cache_dir / f"vocab_{stamp}.json"
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", source)[-60:]
     emb_file = cache_dir / f"emb_{stamp}_{slug}.npy"

@@ -386,7 +386,9 @@ def _question_file(subtype: str, questions: list[dict]) -> dict:
 
 
 def _annotation_file(subtype: str, annotations: list[dict]) -> dict:
-    return {"info": _INFO, "license": _LICENSE, "data_subtype": subtype, "annotations": annotations}
+    # Key order and the trailing data_type follow the real v2 annotation files.
+    return {"info": _INFO, "license": _LICENSE, "data_subtype": subtype, "annotations": annotations,
+            "data_type": "mscoco"}
 
 
 def feature_path(root: Path, split: str, image_id: int) -> Path:

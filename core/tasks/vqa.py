@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from core.config import REPO
 from core.data.features import NpzFeatures, pad_regions
-from core.data.text import cached_vocab_and_vectors, encode
+from core.data.text import cached_vocab_and_vectors, encode, files_stamp
 from core.model import AttFlat
 from core.ops import LayerNorm
 from core.tasks.base import Task, entries_of
@@ -134,7 +134,9 @@ class VQATask(Task):
                 raise ValueError(f"{file}: expected [ans_to_ix, ix_to_ans]")
             ans_to_ix = {a: int(i) for a, i in data[0].items()}
         else:
-            cache = self.root / "cache" / f"answer_dict_min{self.cfg.ANS_MIN_COUNT}.json"
+            sources = [self.root / ANNOTATIONS[s] for s in ("train", "val")]
+            stamp = files_stamp([f for f in sources if f.exists()])
+            cache = self.root / "cache" / f"answer_dict_{stamp}_min{self.cfg.ANS_MIN_COUNT}.json"
             if cache.exists():
                 ans_to_ix = read_json(cache, "answer dictionary")[0]
             else:
