@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from core.demo import scenes as sc
+from utils.vqa_eval import MANUAL_MAP, normalize_result_answer, question_accuracy
 
 VERSION = "vqa-demo-1"
 DEFAULT_SIZES = {
@@ -69,36 +70,10 @@ _LICENSE = {"url": "http://creativecommons.org/licenses/by/4.0/",
 # --------------------------------------------------------------------------- answer normalisation
 
 
-_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-                 "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = {"a", "an", "the"}
-_PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$:']")
-_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")
-
-
-def normalize_answer(answer: str) -> str:
-    """Approximate the official VQA punctuation/digit/article normalisation."""
-    text = answer.replace("\n", " ").replace("\t", " ").strip().lower()
-    text = _PERIOD.sub("", _PUNCT.sub("", text))
-    words = [_NUMBER_WORDS.get(w, w) for w in text.split()]
-    return " ".join(w for w in words if w not in _ARTICLES)
-
-
-def vqa_accuracy(pred: str, answers: list[str]) -> float:
-    """Official VQA accuracy in [0, 1]: mean over leave-one-out min(1, matches/3).
-
-    Like the official script, answers are only normalised when annotators
-    disagree (otherwise all ten strings are already identical).
-    """
-    pred = pred.replace("\n", " ").replace("\t", " ").strip()
-    if len(set(answers)) > 1:
-        answers = [normalize_answer(a) for a in answers]
-        pred = normalize_answer(pred)
-    accs = []
-    for i in range(len(answers)):
-        matches = sum(1 for j, a in enumerate(answers) if j != i and a == pred)
-        accs.append(min(1.0, matches / 3.0))
-    return sum(accs) / len(accs)
+# The official normalisation and per-question accuracy (utils/vqa_eval.py), under the
+# names this module's callers use.
+normalize_answer = normalize_result_answer
+vqa_accuracy = question_accuracy
 
 
 def majority_baseline(train_annotations: list[dict], val_annotations: list[dict]) -> tuple[str, float]:
@@ -315,7 +290,7 @@ def generate_questions(objects: list, rng: np.random.Generator, n: int) -> list[
 
 _SYNONYMS = {"gray": ("grey",), "ball": ("sphere",), "cube": ("box", "block"), "cone": ("pyramid",),
              "large": ("big",), "small": ("tiny",), "metal": ("metallic", "shiny"), "rubber": ("plastic",)}
-_DIGIT_WORDS = {v: k for k, v in _NUMBER_WORDS.items() if k != "none"}
+_DIGIT_WORDS = {v: k for k, v in MANUAL_MAP.items() if k != "none"}
 
 
 def _category(answer: str) -> tuple[str, ...]:
