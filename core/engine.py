@@ -200,9 +200,12 @@ def evaluate(net: nn.Module, task, dataset: Dataset, cfg, device, desc: str = "e
     return task.metric(predictions, dataset), predictions
 
 
-def format_metrics(metrics: dict) -> str:
+def format_metrics(metrics: dict, skip=("perQuestionType",)) -> str:
+    """One log line; long breakdowns (kept in metrics.json) are left out."""
     parts = []
     for k, v in metrics.items():
+        if k in skip:
+            continue
         if isinstance(v, dict):
             parts.append(f"{k}: " + ", ".join(f"{a} {b:.2f}" if isinstance(b, float) else
                                              f"{a} {b}" for a, b in v.items()))
