@@ -50,8 +50,9 @@ KEYS: dict[str, Key] = {
     "ARCH_EPOCH": Key("int", 0, "which 'epochN' key of ARCH_PATH to train (alias --GENO_EPOCH)"),
     "TRAIN_SPLIT": Key("str", "train", "training splits joined by '+', e.g. train+val+vg "
                        "(flag --SPLIT)"),
-    "EVAL_SPLIT": Key("str", "val", "split evaluated after each epoch and by --RUN=val"),
-    "TEST_SPLIT": Key("str", "test", "split answered by --RUN=test"),
+    "EVAL_SPLIT": Key("str", "val", "split(s) evaluated after each epoch and by --RUN=val; "
+                      "several with commas, e.g. val,testA,testB"),
+    "TEST_SPLIT": Key("str", "test", "split(s) answered by --RUN=test, comma-separated"),
     "EVAL_EVERY_EPOCH": Key("bool", True, "evaluate EVAL_SPLIT after each epoch when it is not "
                             "in TRAIN_SPLIT"),
     "SUBSET": Key("int", 0, "use only the first N samples of every split (0: all); for quick tries"),

@@ -32,17 +32,20 @@ def run_train(cfg, task, run) -> dict:
         run.log(f"weights loaded from {ckpt_path}")
     if cfg.RUN_MODE == "train":
         return _train(cfg, task, run, net, arch, ckpt if cfg.RESUME else None, device)
-    split = cfg.EVAL_SPLIT if cfg.RUN_MODE == "val" else cfg.TEST_SPLIT
     if ckpt is None:
         run.log(f"warning: --RUN={cfg.RUN_MODE} without --CKPT_PATH evaluates untrained weights")
-    dataset = task.dataset(split)
-    metrics, predictions = evaluate(net, task, dataset, cfg, device, desc=split)
-    out = task.write_predictions(predictions, run.folder, split)
-    run.log(f"{split}: {format_metrics(metrics) if metrics else 'no labels'}; "
-            f"predictions -> {out}")
-    if metrics:
-        atomic_write_json(run.folder / f"metrics_{split}.json", metrics)
-    return metrics
+    splits = cfg.EVAL_SPLIT if cfg.RUN_MODE == "val" else cfg.TEST_SPLIT
+    results = {}
+    for split in splits.split(","):
+        metrics, predictions = evaluate(net, task, task.dataset(split), cfg, device, desc=split)
+        out = task.write_predictions(predictions, run.folder, split)
+        run.log(f"{split}: {format_metrics(metrics) if metrics else 'no labels'}; "
+                f"predictions -> {out}")
+        if metrics:
+            results[split] = metrics
+    if results:
+        atomic_write_json(run.folder / f"metrics_{cfg.RUN_MODE}.json", results)
+    return results
 
 
 def _checkpoint_to_load(cfg, run) -> Path | None:
@@ -75,12 +78,14 @@ def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
         start_epoch, step = resume_ckpt["epoch"], resume_ckpt.get("step", 0)
         run.log(f"resuming after epoch {start_epoch}")
     train_set = task.dataset(cfg.TRAIN_SPLIT)
-    eval_set = None
-    if cfg.EVAL_EVERY_EPOCH and cfg.EVAL_SPLIT not in cfg.TRAIN_SPLIT.split("+"):
-        eval_set = task.dataset(cfg.EVAL_SPLIT)
-        baseline = task.baseline(train_set, eval_set)
+    eval_sets = {}
+    if cfg.EVAL_EVERY_EPOCH:
+        trained_on = cfg.TRAIN_SPLIT.split("+")
+        eval_sets = {s: task.dataset(s) for s in cfg.EVAL_SPLIT.split(",") if s not in trained_on}
+    for split, dataset in eval_sets.items():
+        baseline = task.baseline(train_set, dataset)
         if baseline:
-            run.log(f"baseline on {cfg.EVAL_SPLIT}: {format_metrics(baseline)}")
+            run.log(f"baseline on {split}: {format_metrics(baseline)}")
     run.log(f"training on {cfg.TRAIN_SPLIT}: {len(train_set)} samples")
     history, metrics = [], {}
     for epoch in range(start_epoch, cfg.MAX_EPOCH):
@@ -104,10 +109,13 @@ def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
             "rng": rng_state()})
         run.log(f"epoch {epoch + 1}: loss {total / max(n, 1):.4f}, lr {lr:.2e}, "
                 f"{n / (time.time() - t0):.1f} samples/s; checkpoint {ckpt.name}")
-        if eval_set is not None:
-            metrics, _ = evaluate(net, task, eval_set, cfg, device, desc=cfg.EVAL_SPLIT)
-            run.log(f"epoch {epoch + 1}: {cfg.EVAL_SPLIT} {format_metrics(metrics)}")
-            history.append({"epoch": epoch + 1, **metrics})
+        if eval_sets:
+            record = {"epoch": epoch + 1}
+            for split, dataset in eval_sets.items():
+                record[split], _ = evaluate(net, task, dataset, cfg, device, desc=split)
+                run.log(f"epoch {epoch + 1}: {split} {format_metrics(record[split])}")
+            history.append(record)
             atomic_write_json(run.folder / "metrics.json", history)
+            metrics = record[next(iter(eval_sets))]
     run.log(f"training finished: checkpoints in {run.folder}")
     return metrics

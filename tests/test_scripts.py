@@ -79,7 +79,7 @@ def test_resumed_search_equals_uninterrupted_search(roots):
 def test_train_val_test_and_resume(roots):
     paths, base = roots
     common = QUICK + paths + ["--ARCH_PATH=arch/mmnas_vqa.json"]
-    metrics, folder = train(common + ["--MAX_EPOCH=1", "--VERSION=t"])
+    metrics, folder = train(common + ["--MAX_EPOCH=1", "--VERSION=t"])   # val of the last epoch
     assert 0.0 <= metrics["overall"] <= 100.0 and set(metrics["perAnswerType"]) == \
         {"yes/no", "number", "other"}
     history = json.loads((folder / "metrics.json").read_text())
@@ -93,8 +93,9 @@ def test_train_val_test_and_resume(roots):
     # --RUN=val on the checkpoint gives the logged accuracy of that epoch
     ckpt = f"--CKPT_PATH={folder / 'epoch2.pkl'}"
     val, val_folder = train(QUICK + paths + ["--RUN=val", ckpt, "--VERSION=v"])
-    logged = json.loads((folder / "metrics.json").read_text())[-1]["overall"]
-    assert val["overall"] == pytest.approx(logged)
+    logged = json.loads((folder / "metrics.json").read_text())[-1]["val"]["overall"]
+    assert val["val"]["overall"] == pytest.approx(logged)
+    assert json.loads((val_folder / "metrics_val.json").read_text()) == val
     assert val_folder == base / "logs" / "vqa" / "val" / "v"
 
     # --RUN=test writes the EvalAI upload file: every test question, one string answer

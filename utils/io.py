@@ -40,3 +40,15 @@ def read_json(path: str | Path, what: str) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a valid JSON {what} file ({e})") from None
+
+
+def expect_fields(path: Path, where: str, obj, fields: dict[str, type]) -> None:
+    """Check that ``obj`` (entry ``where`` of file ``path``) has ``fields`` of these types."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: {where} is {type(obj).__name__}, expected an object")
+    for field, kind in fields.items():
+        value = obj.get(field)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            got = "missing" if field not in obj else f"{value!r}"
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise ValueError(f"{path}: {where}.{field} is {got}, expected {names}")

@@ -66,6 +66,11 @@ class Task:
         return {}
 
 
+def root_dataset(dataset: Dataset) -> Dataset:
+    """The task dataset under any ``Subset`` views."""
+    return root_dataset(dataset.dataset) if isinstance(dataset, Subset) else dataset
+
+
 def entries_of(dataset: Dataset) -> list:
     """The ``entries`` of a task dataset, through any ``Subset`` views (search splits)."""
     if isinstance(dataset, Subset):

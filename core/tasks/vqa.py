@@ -16,7 +16,7 @@ from core.data.text import cached_vocab_and_vectors, encode, files_stamp
 from core.model import AttFlat
 from core.ops import LayerNorm
 from core.tasks.base import Task, entries_of
-from utils.io import atomic_write_json, read_json
+from utils.io import atomic_write_json, expect_fields, read_json
 from utils.vqa_eval import evaluate, prep_ans
 
 QUESTIONS = {
@@ -247,7 +247,7 @@ def _questions(path: Path) -> list[dict]:
     if not isinstance(qs, list):
         raise ValueError(f"{path}: expected an object with a 'questions' list")
     for i, q in enumerate(qs):
-        _expect(path, f"questions[{i}]", q, {"image_id": int, "question": str,
+        expect_fields(path, f"questions[{i}]", q, {"image_id": int, "question": str,
                                              "question_id": int})
     return qs
 
@@ -259,19 +259,10 @@ def _annotations(path: Path) -> dict[int, dict]:
         raise ValueError(f"{path}: expected an object with an 'annotations' list")
     out = {}
     for i, a in enumerate(anns):
-        _expect(path, f"annotations[{i}]", a, {"question_id": int, "image_id": int,
+        expect_fields(path, f"annotations[{i}]", a, {"question_id": int, "image_id": int,
                                                "multiple_choice_answer": str, "answers": list,
                                                "answer_type": str})
         for j, ans in enumerate(a["answers"]):
-            _expect(path, f"annotations[{i}].answers[{j}]", ans, {"answer": str})
+            expect_fields(path, f"annotations[{i}].answers[{j}]", ans, {"answer": str})
         out[a["question_id"]] = a
     return out
-
-
-def _expect(path: Path, where: str, obj, fields: dict[str, type]) -> None:
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: {where} is {type(obj).__name__}, expected an object")
-    for field, kind in fields.items():
-        if not isinstance(obj.get(field), kind) or isinstance(obj.get(field), bool):
-            got = "missing" if field not in obj else f"{obj[field]!r}"
-            raise ValueError(f"{path}: {where}.{field} is {got}, expected {kind.__name__}")

@@ -1,0 +1,7 @@
+"""Train, evaluate (--RUN=val) or test (--RUN=test) a visual-grounding architecture."""
+from core.engine import main
+from core.train import run_train
+from core.tasks.vgd import VGDTask
+
+if __name__ == "__main__":
+    main(VGDTask, "train", run_train)
