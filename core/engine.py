@@ -68,11 +68,20 @@ def main(task_cls, kind: str, runner, argv: list[str] | None = None) -> None:
     try:
         runner(cfg, task, run)
     except user_errors() as e:
-        run.log(f"error: {e}")
+        message = _own_message(str(e))
+        run.log(f"error: {message}")
         if os.environ.get("MMNAS_TRACEBACK"):
             raise
-        fail(str(e))
+        fail(message)
     print(f"run folder: {run.folder}")
+
+
+def _own_message(text: str) -> str:
+    """A data-loader worker wraps errors in its traceback; keep the error's own line."""
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        return last.split(": ", 1)[-1]
+    return text
 
 
 def start(task_cls, kind: str, argv: list[str] | None = None):
@@ -188,16 +197,13 @@ def weight_step(net: nn.Module, task, batch: dict, optim, params, clip: float) -
 
 @torch.no_grad()
 def evaluate(net: nn.Module, task, dataset: Dataset, cfg, device, desc: str = "eval"):
-    """(metrics, predictions) of ``net`` on ``dataset``."""
+    """(metrics, predictions) of ``net`` on ``dataset``, in eval mode, as the task scores it."""
     was_training = net.training
     net.eval()
-    predictions = []
-    for batch in tqdm(loader(task, dataset, cfg, cfg.eval_batch_size(), False), desc=desc,
-                      leave=False, dynamic_ncols=True):
-        batch = to_device(batch, device)
-        predictions += task.predict(net(batch), batch)
-    net.train(was_training)
-    return task.metric(predictions, dataset), predictions
+    try:
+        return task.evaluate(net, dataset, device, desc)
+    finally:
+        net.train(was_training)
 
 
 def format_metrics(metrics: dict, skip=("perQuestionType",)) -> str:

@@ -6,6 +6,8 @@ fixed network of an architecture (ProxylessNAS's ``convert_to_normal_net``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -16,34 +18,53 @@ from core.ops import OpSpec, build_op, op_uses_rel
 from core.relations import image_relation, text_relation
 
 
+@dataclass
+class Side:
+    """One modality ready for the blocks: features [B, N, H], mask [B, 1, 1, N] (True =
+    padding) and, when some block needs it, the embedded relations [B, N, N, REL_SIZE]."""
+    x: torch.Tensor
+    mask: torch.Tensor
+    rel: torch.Tensor | None = None
+
+
 class Backbone(nn.Module):
+    """Encoder blocks over the text (``enc_list``), decoder blocks over the image
+    (``dec_list``), guided by the encoded text."""
+
     def __init__(self, enc: list[nn.Module], dec: list[nn.Module], rel_size: int):
         super().__init__()
         self.enc_list = nn.ModuleList(enc)
         self.dec_list = nn.ModuleList(dec)
         # Shared relation embedding, Linear(4 -> REL_SIZE) + ReLU; built only when used.
-        self.linear_rel_img = nn.Linear(4, rel_size) if _uses_rel(dec) else None
-        self.linear_rel_txt = nn.Linear(3, rel_size) if _uses_rel(enc) else None
+        self.linear_rel_img = nn.Linear(4, rel_size) if _uses(dec, "uses_rel") else None
+        self.linear_rel_txt = nn.Linear(3, rel_size) if _uses(enc, "uses_rel") else None
 
-    def forward(self, txt, txt_mask, img, img_mask, rel_inputs):
-        """``rel_inputs()`` returns the raw (text, image) relations; called only if needed."""
-        txt_rel = img_rel = None
-        if self.linear_rel_img is not None or self.linear_rel_txt is not None:
-            raw_txt, raw_img = rel_inputs(self.linear_rel_txt is not None,
-                                          self.linear_rel_img is not None)
-            if raw_txt is not None:
-                txt_rel = torch.relu(self.linear_rel_txt(raw_txt))
-            if raw_img is not None:
-                img_rel = torch.relu(self.linear_rel_img(raw_img))
+    @property
+    def encoder_reads_image(self) -> bool:
+        """False when the encoded text depends on the text alone (it can then be cached)."""
+        return _uses(self.enc_list, "uses_y")
+
+    def embed_relation(self, raw: torch.Tensor, side: str) -> torch.Tensor:
+        linear = self.linear_rel_txt if side == "txt" else self.linear_rel_img
+        return torch.relu(linear(raw))
+
+    def encode(self, txt: Side, img: Side | None) -> Side:
+        x = txt.x
         for block in self.enc_list:
-            txt = block(txt, txt_mask, img, img_mask, txt_rel)
+            x = block(x, txt.mask, img.x if img else None, img.mask if img else None, txt.rel)
+        return Side(x, txt.mask)
+
+    def decode(self, img: Side, txt: Side) -> Side:
+        x = img.x
         for block in self.dec_list:
-            img = block(img, img_mask, txt, txt_mask, img_rel)
-        return txt, img
+            x = block(x, img.mask, txt.x, txt.mask, img.rel)
+        return Side(x, img.mask)
 
 
-def _uses_rel(blocks) -> bool:
-    return any(getattr(b, "uses_rel", False) for b in blocks)
+def _uses(blocks, flag: str) -> bool:
+    """Whether any block (or any candidate of a mixed block) has ``flag`` set."""
+    return any(getattr(op, flag, False) for b in blocks
+               for op in getattr(b, "candidate_ops", [b]))
 
 
 class AttFlat(nn.Module):
@@ -81,24 +102,32 @@ class Net(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def encode(self, batch):
-        ids, feats = batch["txt"], batch["img"]
-        txt_pad = ids == 0
-        img_pad = feats.abs().sum(-1) == 0
+    def text_side(self, ids: torch.Tensor) -> Side:
+        pad = ids == 0
         words = self.embedding(ids)
-        txt, _ = self.lstm(words)
-        img = self.img_feat_linear(feats)
+        x, _ = self.lstm(words)
+        rel = None
+        if self.backbone.linear_rel_txt is not None:
+            rel = self.backbone.embed_relation(text_relation(words.detach(), pad), "txt")
+        return Side(x, pad[:, None, None, :], rel)
 
-        def rel_inputs(need_txt: bool, need_img: bool):
-            return (text_relation(words.detach(), txt_pad) if need_txt else None,
-                    image_relation(batch["boxes"].to(feats.dtype), img_pad) if need_img else None)
+    def image_side(self, feats: torch.Tensor, boxes: torch.Tensor) -> Side:
+        pad = feats.abs().sum(-1) == 0          # padded regions are all-zero rows
+        rel = None
+        if self.backbone.linear_rel_img is not None:
+            rel = self.backbone.embed_relation(image_relation(boxes.to(feats.dtype), pad), "img")
+        return Side(self.img_feat_linear(feats), pad[:, None, None, :], rel)
 
-        txt_mask, img_mask = txt_pad[:, None, None, :], img_pad[:, None, None, :]
-        txt, img = self.backbone(txt, txt_mask, img, img_mask, rel_inputs)
-        return txt, txt_mask, img, img_mask
+    def fuse(self, txt: Side, img: Side, encoded: bool = False):
+        """Encoder (unless ``txt`` is already encoded), decoder, head."""
+        if not encoded:
+            txt = self.backbone.encode(txt, img)
+        img = self.backbone.decode(img, txt)
+        return self.head(txt.x, txt.mask, img.x, img.mask)
 
     def forward(self, batch):
-        return self.head(*self.encode(batch))
+        return self.fuse(self.text_side(batch["txt"]),
+                         self.image_side(batch["img"], batch["boxes"]))
 
 
 def op_spec(cfg) -> OpSpec:

@@ -55,6 +55,9 @@ def run_search(cfg, task, run) -> dict:
         lr = lr_at(epoch, cfg.LR_BASE, cfg.LR_WARMUP_EPOCHS, cfg.LR_DECAY_EPOCHS,
                    cfg.LR_DECAY_RATE)
         set_lr(optim, lr)
+        for m in architect.mixed:
+            m.choose_argmax()           # hard negatives are mined with the arg-max network
+        task.start_epoch(net, weight_set, epoch, device)
         net.train()
         arch_batches = _cycle(task, arch_set, cfg, cfg.SEED * 1000 + epoch + 500)
         t0, total, n = time.time(), 0.0, 0

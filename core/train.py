@@ -92,6 +92,7 @@ def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
         lr = lr_at(epoch, cfg.LR_BASE, cfg.LR_WARMUP_EPOCHS, cfg.LR_DECAY_EPOCHS,
                    cfg.LR_DECAY_RATE)
         set_lr(optim, lr)
+        task.start_epoch(net, train_set, epoch, device)
         net.train()
         t0, total, n = time.time(), 0.0, 0
         bar = tqdm(loader(task, train_set, cfg, cfg.BATCH_SIZE, True, cfg.SEED * 1000 + epoch),

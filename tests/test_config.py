@@ -62,7 +62,7 @@ def test_demo_yml_only_with_dataset_demo():
     assert demo.HSIZE == 64                # demo top level beats vqa.yml's train section
     assert demo.FLAT_MLP_SIZE == 64 and demo.REL_SIZE == 16
     assert demo.MAX_EPOCH == 8 and demo.LR_DECAY_EPOCHS == [6]
-    assert demo.LR_BASE == pytest.approx(1.0e-3) and demo.LR_WARMUP_EPOCHS == 1
+    assert demo.LR_BASE == pytest.approx(3.0e-4) and demo.LR_WARMUP_EPOCHS == 1
 
 
 def test_demo_search_layers_on_vqa_search_section():

@@ -50,7 +50,22 @@ class Task:
         """Sizes a checkpoint must record to rebuild the network (vocabularies...)."""
         return {"vocab_size": len(self.vocab)}
 
-    # --- evaluation --------------------------------------------------------------------
+    # --- epochs and evaluation ----------------------------------------------------------
+    def start_epoch(self, net: nn.Module, dataset: Dataset, epoch: int, device) -> None:
+        """Called before every training (or search) epoch; e.g. hard-negative mining."""
+
+    def evaluate(self, net: nn.Module, dataset: Dataset, device, desc: str):
+        """(metrics, predictions): batches through ``net`` (in eval mode, no grad), then
+        ``predict`` and ``metric``. Tasks whose scoring is not per sample override it."""
+        from tqdm import tqdm
+        from core.engine import loader, to_device
+        predictions = []
+        for batch in tqdm(loader(self, dataset, self.cfg, self.cfg.eval_batch_size(), False),
+                          desc=desc, leave=False, dynamic_ncols=True):
+            batch = to_device(batch, device)
+            predictions += self.predict(net(batch), batch)
+        return self.metric(predictions, dataset), predictions
+
     def predict(self, out, batch: dict) -> list[dict]:
         raise NotImplementedError
 
