@@ -66,6 +66,11 @@ KEYS: dict[str, Key] = {
     "ANSWER_DICT": Key("str", "", "VQA answer vocabulary [ans_to_ix, ix_to_ans]; empty: built "
                        "from train+val annotations (answers occurring > ANS_MIN_COUNT-1 times)"),
     "ANS_MIN_COUNT": Key("int", 9, "VQA: keep answers occurring at least this often (> 8)"),
+    "ITM_NEG_CANDIDATES": Key("int", 64, "ITM: random candidates scored per image and per "
+                              "caption when mining hard negatives"),
+    "ITM_NEG_TOPK": Key("int", 5, "ITM: hardest candidates kept; each sample draws one"),
+    "ITM_POS_TWICE": Key("bool", True, "ITM: count the positive pair's BCE twice, as the "
+                         "original does"),
     # --- model -------------------------------------------------------------------------------
     "HSIZE": Key("int", 512, "hidden size H"),
     "WORD_EMBED_SIZE": Key("int", 300, "word-vector size"),

@@ -1,0 +1,7 @@
+"""Search an MMNas architecture for image-text matching: python3 search_itm.py --DATASET=demo"""
+from core.engine import main
+from core.search import run_search
+from core.tasks.itm import ITMTask
+
+if __name__ == "__main__":
+    main(ITMTask, "search", run_search)

@@ -1,0 +1,117 @@
+"""Image–text matching: fast pair scoring, hard-negative mining, the loss."""
+import numpy as np
+import pytest
+import torch
+
+from core.arch import Arch
+from core.data.features import NpzFeatures
+from core.tasks.itm import ITMDataset, ITMHead, ITMTask, mine_negatives, score_pairs
+from netkit import VOCAB, fixed_net, small_cfg
+
+N_IMG, PER_IMG, REGIONS = 5, 3, 4
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """5 images (4 regions of 24-d features each), 3 captions per image, unordered."""
+    cfg = small_cfg(DATASET="demo", MAX_REGIONS=REGIONS, SEED=0)
+    g = np.random.default_rng(0)
+    keys = [1000 + i for i in range(N_IMG)]
+    for k in keys:
+        xy = g.uniform(0, 100, (REGIONS, 2))
+        np.savez(tmp_path / f"{k}.jpg.npz", x=np.abs(g.standard_normal((24, REGIONS))).astype(np.float32),
+                 bbox=np.concatenate([xy, xy + 30], 1).astype(np.float32), image_h=200, image_w=200,
+                 num_bbox=REGIONS)
+    caption_image = g.permutation(np.repeat(np.arange(N_IMG), PER_IMG))
+    tokens = g.integers(3, VOCAB, (len(caption_image), 6))
+    tokens[::2, -2:] = 0
+    return cfg, ITMDataset(tokens, caption_image, keys, NpzFeatures([tmp_path], 24), cfg)
+
+
+def _net(cfg, enc_ops=("self_att_16", "feed_forward")):
+    net = fixed_net(cfg, Arch(enc_ops, ("rel_self_att_16", "guided_att_16", "feed_forward",
+                                        "guided_att_16")))
+    net.head = ITMHead(cfg)
+    return net.eval()
+
+
+def _naive(net, ds, pairs):
+    """Every pair through the whole network from raw inputs, one at a time."""
+    out = []
+    for i, j in pairs:
+        img, boxes = ds.image(i)
+        batch = {"txt": torch.from_numpy(ds.tokens[j:j + 1]), "img": torch.from_numpy(img[None]),
+                 "boxes": torch.from_numpy(boxes[None])}
+        with torch.no_grad():
+            out.append(float(torch.sigmoid(net(batch))))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("enc_ops", [("self_att_16", "feed_forward"),
+                                     ("guided_att_16", "feed_forward")])   # encoder reads image
+def test_fast_scoring_equals_naive_pairwise(dataset, enc_ops):
+    cfg, ds = dataset
+    net = _net(cfg, enc_ops)
+    assert net.backbone.encoder_reads_image == (enc_ops[0] == "guided_att_16")
+    img = np.repeat(np.arange(N_IMG), len(ds))
+    cap = np.tile(np.arange(len(ds)), N_IMG)
+    fast = score_pairs(net, ds, img, cap, torch.device("cpu"), batch=7)
+    naive = _naive(net, ds, list(zip(img, cap)))
+    assert np.allclose(fast, naive, atol=1e-5)
+    # arbitrary order, repeated pairs
+    pick = np.random.default_rng(1).integers(0, len(img), 20)
+    assert np.allclose(score_pairs(net, ds, img[pick], cap[pick], torch.device("cpu"), 4),
+                       naive[pick], atol=1e-5)
+
+
+def test_miner_returns_the_hardest_candidates():
+    caption_image = np.repeat(np.arange(4), 5)                 # 4 images x 5 captions
+    table = np.random.default_rng(3).permutation(4 * 20).reshape(4, 20).astype(float)
+    calls = []
+
+    def score(pair_img, pair_cap):
+        calls.append(len(pair_img))
+        return table[pair_img, pair_cap]
+
+    neg_caps, neg_imgs = mine_negatives(score, caption_image, 4, candidates=8, top_k=3, seed=0)
+    assert calls == [4 * 8 + 20 * 8]                           # one scoring call, both ways
+    assert neg_caps.shape == (4, 3) and neg_imgs.shape == (20, 3)
+    for i in range(4):
+        assert (caption_image[neg_caps[i]] != i).all()         # never its own captions
+        s = table[i, neg_caps[i]]
+        assert (np.diff(s) <= 0).all()                         # hardest first
+    for j in range(20):
+        assert (neg_imgs[j] != caption_image[j]).all()
+    # the top 3 are the best of the 8 drawn: redraw the same candidates and compare
+    rng = np.random.default_rng(0)
+    drawn = rng.integers(20, size=(4, 8))
+    from core.tasks.itm import _draw_excluding
+    drawn = _draw_excluding(np.random.default_rng(0), 4, 20, 8,
+                            lambda r, d: caption_image[d] == r[:, None])
+    for i in range(4):
+        assert set(neg_caps[i]) == set(sorted(drawn[i], key=lambda c: -table[i, c])[:3])
+
+
+def test_loss_counts_the_positive_twice_by_default():
+    out = torch.tensor([0.5, -1.0, 2.0])
+    batch = {"target": torch.tensor([1.0, 0.0, 0.0]), "weight": torch.tensor([2.0, 1.0, 1.0])}
+    sig = torch.sigmoid(out)
+    expected = -2 * torch.log(sig[0]) - torch.log(1 - sig[1]) - torch.log(1 - sig[2])
+    task = ITMTask(small_cfg(DATASET="demo"), print)
+    assert float(task.loss(out, batch)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_training_batch_stacks_three_pairs(dataset):
+    cfg, ds = dataset
+    task = ITMTask(small_cfg(DATASET="demo", MAX_REGIONS=REGIONS, IMG_FEAT_SIZE=24,
+                             ITM_POS_TWICE=False), print)
+    ds.set_negatives(np.zeros((N_IMG, 2), int) + 1, np.zeros((len(ds), 2), int) + 2, epoch=1)
+    batch = task.collate([ds[0], ds[1]])
+    assert batch["txt"].shape[0] == 6 and batch["target"].tolist() == [1, 1, 0, 0, 0, 0]
+    assert batch["weight"].tolist() == [1.0] * 6
+    assert torch.equal(batch["txt"][4], batch["txt"][0])          # same caption, other image
+    assert torch.equal(batch["img"][2], batch["img"][0])          # same image, other caption
+    img2, _ = ds.image(2)
+    assert torch.equal(batch["img"][4], torch.from_numpy(img2))   # the negative image
+    # the same sample draws the same negatives every time (no global RNG)
+    assert torch.equal(task.collate([ds[0]])["txt"], task.collate([ds[0]])["txt"])

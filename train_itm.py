@@ -1,0 +1,7 @@
+"""Train, evaluate (--RUN=val) or test (--RUN=test) an image-text matching architecture."""
+from core.engine import main
+from core.train import run_train
+from core.tasks.itm import ITMTask
+
+if __name__ == "__main__":
+    main(ITMTask, "train", run_train)
