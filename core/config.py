@@ -55,6 +55,8 @@ KEYS: dict[str, Key] = {
     "TEST_SPLIT": Key("str", "test", "split(s) answered by --RUN=test, comma-separated"),
     "EVAL_EVERY_EPOCH": Key("bool", True, "evaluate EVAL_SPLIT after each epoch when it is not "
                             "in TRAIN_SPLIT"),
+    "AMP": Key("str", "off", "mixed precision for search, training and evaluation: off | bf16 "
+               "| fp16 (fp16 with loss scaling; bf16 also on CPUs with bf16 units)"),
     "SUBSET": Key("int", 0, "use only the first N samples of every split (0: all); for quick tries"),
     # --- data --------------------------------------------------------------------------------
     "WORD_VECTORS": Key("str", "spacy:en_vectors_web_lg",

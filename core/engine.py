@@ -1,6 +1,7 @@
 """What search and training share: run folder, device, loaders, weight step, evaluation."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
@@ -184,14 +185,41 @@ def to_device(batch: dict, device: torch.device) -> dict:
             for k, v in batch.items()}
 
 
-def weight_step(net: nn.Module, task, batch: dict, optim, params, clip: float) -> float:
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(cfg, device: torch.device):
+    """The forward-pass precision context of ``--AMP`` (a no-op for 'off')."""
+    if cfg.AMP == "off":
+        return contextlib.nullcontext()
+    if cfg.AMP not in AMP_DTYPES:
+        raise config_mod.ConfigError(f"AMP={cfg.AMP!r}; expected off, bf16 or fp16")
+    return torch.autocast(device.type, dtype=AMP_DTYPES[cfg.AMP])
+
+
+def grad_scaler(cfg, device: torch.device):
+    """fp16 needs loss scaling (small gradients underflow); bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type) if cfg.AMP == "fp16" else None
+
+
+def weight_step(net: nn.Module, task, batch: dict, optim, params, cfg, device,
+                scaler=None) -> float:
     """One optimiser step on the network weights; parameters without gradient stay put."""
     optim.zero_grad(set_to_none=True)
-    loss = task.loss(net(batch), batch)
-    loss.backward()
-    if clip > 0:
-        nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip)
-    optim.step()
+    with autocast(cfg, device):
+        loss = task.loss(net(batch), batch)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optim)
+    else:
+        loss.backward()
+    if cfg.GRAD_CLIP > 0:
+        nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.GRAD_CLIP)
+    if scaler is not None:
+        scaler.step(optim)
+        scaler.update()
+    else:
+        optim.step()
     return float(loss.detach())
 
 
@@ -201,7 +229,8 @@ def evaluate(net: nn.Module, task, dataset: Dataset, cfg, device, desc: str = "e
     was_training = net.training
     net.eval()
     try:
-        return task.evaluate(net, dataset, device, desc)
+        with autocast(cfg, device):
+            return task.evaluate(net, dataset, device, desc)
     finally:
         net.train(was_training)
 

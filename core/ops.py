@@ -32,9 +32,11 @@ class LayerNorm(nn.Module):
         self.b_2 = nn.Parameter(torch.zeros(size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(-1, keepdim=True)
-        std = x.std(-1, keepdim=True)
-        return self.a_2 * (x - mean) / (std + self.eps) + self.b_2
+        # Statistics in float32 even under bf16/fp16 autocast.
+        x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        mean = x32.mean(-1, keepdim=True)
+        std = x32.std(-1, keepdim=True)
+        return (self.a_2 * (x32 - mean) / (std + self.eps) + self.b_2).to(x.dtype)
 
 
 class FC(nn.Module):
@@ -91,6 +93,25 @@ class MHAtt(nn.Module):
         b, n, _ = q.shape
         query, key, value = self._split(self.linear_q(q)), self._split(self.linear_k(kv)), \
             self._split(self.linear_v(kv))
+        # One additive bias carries the relation prior and the mask (-1e9 at padding, as the
+        # original's masked_fill): fused attention then computes the same softmax.
+        bias = None
+        if self.linear_r is not None:
+            bias = F.relu(self.linear_r(rel)).clamp(min=1e-6).log().permute(0, 3, 1, 2)
+        if kv_mask is not None:
+            pad = torch.zeros(kv_mask.shape, dtype=query.dtype, device=query.device)
+            pad = pad.masked_fill(kv_mask, -1e9)
+            bias = pad if bias is None else bias.to(query.dtype) + pad
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=None if bias is None else bias.to(query.dtype),
+            dropout_p=self.dropout.p if self.training else 0.0)
+        return self.linear_merge(out.transpose(1, 2).reshape(b, n, -1))
+
+    def reference(self, q, kv, kv_mask, rel=None):
+        """The plain formula (masked_fill, softmax, dropout), to test the fused path by."""
+        b, n, _ = q.shape
+        query, key, value = self._split(self.linear_q(q)), self._split(self.linear_k(kv)), \
+            self._split(self.linear_v(kv))
         scores = query @ key.transpose(-2, -1) / math.sqrt(query.size(-1))
         if self.linear_r is not None:
             prior = F.relu(self.linear_r(rel)).clamp(min=1e-6).log()   # [B, N, N, heads]
@@ -98,8 +119,7 @@ class MHAtt(nn.Module):
         if kv_mask is not None:
             scores = scores.masked_fill(kv_mask, -1e9)
         att = self.dropout(F.softmax(scores, dim=-1))
-        out = (att @ value).transpose(1, 2).reshape(b, n, -1)
-        return self.linear_merge(out)
+        return self.linear_merge((att @ value).transpose(1, 2).reshape(b, n, -1))
 
 
 class ResidualOp(nn.Module):

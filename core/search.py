@@ -16,8 +16,8 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from core.arch import save_arch
-from core.engine import (build_net, device_of, ensure_data, evaluate, format_metrics, loader,
-                         to_device, weight_step)
+from core.engine import (autocast, build_net, device_of, ensure_data, evaluate, format_metrics,
+                         grad_scaler, loader, to_device, weight_step)
 from core.mixed import Architect, mixed_ops, weight_parameters
 from core.model import current_arch, search_backbone
 from core.ops import ABBREV
@@ -46,6 +46,12 @@ def run_search(cfg, task, run) -> dict:
     optim = torch.optim.Adam(params, lr=cfg.LR_BASE, betas=tuple(cfg.OPT_BETAS), eps=cfg.OPT_EPS)
     architect = Architect(net, cfg.ARCH_LR, cfg.ARCH_BETAS, cfg.ARCH_MODE)
     path_gen = torch.Generator().manual_seed(cfg.SEED)
+    scaler = grad_scaler(cfg, device)
+
+    def arch_loss(batch):
+        with autocast(cfg, device):
+            return task.loss(net(batch), batch)
+
     start_epoch, step = 0, 0
     if cfg.RESUME:
         start_epoch, step = _resume(run, net, optim, architect, path_gen, task)
@@ -57,7 +63,8 @@ def run_search(cfg, task, run) -> dict:
         set_lr(optim, lr)
         for m in architect.mixed:
             m.choose_argmax()           # hard negatives are mined with the arg-max network
-        task.start_epoch(net, weight_set, epoch, device)
+        with autocast(cfg, device):
+            task.start_epoch(net, weight_set, epoch, device)
         net.train()
         arch_batches = _cycle(task, arch_set, cfg, cfg.SEED * 1000 + epoch + 500)
         t0, total, n = time.time(), 0.0, 0
@@ -67,12 +74,12 @@ def run_search(cfg, task, run) -> dict:
             batch = to_device(batch, device)
             for m in architect.mixed:
                 m.sample(path_gen)
-            total += weight_step(net, task, batch, optim, params, cfg.GRAD_CLIP)
+            total += weight_step(net, task, batch, optim, params, cfg, device, scaler)
             n += len(batch["txt"])
             step += 1
             if epoch >= cfg.ARCH_START_EPOCH and step % cfg.ARCH_STEP_EVERY == 0:
                 arch_batch = to_device(next(arch_batches), device)
-                architect.step(lambda: task.loss(net(arch_batch), arch_batch), path_gen)
+                architect.step(lambda: arch_loss(arch_batch), path_gen)
             bar.set_postfix(loss=f"{total / n:.4f}", lr=f"{lr:.2e}")
         arch = current_arch(net.backbone)
         ckpt = run.checkpoint(epoch + 1, {

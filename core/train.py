@@ -8,8 +8,8 @@ import torch
 from tqdm import tqdm
 
 from core.arch import Arch, load_arch, parse_arch
-from core.engine import (build_net, device_of, ensure_data, evaluate, format_metrics, loader,
-                         to_device, weight_step)
+from core.engine import (autocast, build_net, device_of, ensure_data, evaluate, format_metrics,
+                         grad_scaler, loader, to_device, weight_step)
 from core.model import fixed_backbone
 from utils.checkpoint import (CheckpointError, load_checkpoint, load_weights, rng_state,
                               set_rng_state)
@@ -68,6 +68,7 @@ def _architecture(cfg, ckpt, ckpt_path) -> Arch:
 
 def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
     params = list(net.parameters())
+    scaler = grad_scaler(cfg, device)
     optim = torch.optim.Adam(params, lr=cfg.LR_BASE, betas=tuple(cfg.OPT_BETAS),
                              eps=cfg.OPT_EPS)
     start_epoch, step = 0, 0
@@ -92,14 +93,15 @@ def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
         lr = lr_at(epoch, cfg.LR_BASE, cfg.LR_WARMUP_EPOCHS, cfg.LR_DECAY_EPOCHS,
                    cfg.LR_DECAY_RATE)
         set_lr(optim, lr)
-        task.start_epoch(net, train_set, epoch, device)
+        with autocast(cfg, device):
+            task.start_epoch(net, train_set, epoch, device)
         net.train()
         t0, total, n = time.time(), 0.0, 0
         bar = tqdm(loader(task, train_set, cfg, cfg.BATCH_SIZE, True, cfg.SEED * 1000 + epoch),
                    desc=f"train epoch {epoch + 1}/{cfg.MAX_EPOCH}", dynamic_ncols=True)
         for batch in bar:
             batch = to_device(batch, device)
-            total += weight_step(net, task, batch, optim, params, cfg.GRAD_CLIP)
+            total += weight_step(net, task, batch, optim, params, cfg, device, scaler)
             n += len(batch["txt"])
             step += 1
             bar.set_postfix(loss=f"{total / n:.4f}", lr=f"{lr:.2e}")

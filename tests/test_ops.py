@@ -113,3 +113,17 @@ def test_text_relation_cosine_and_padding():
     assert rel[0, 0, 1, 1].item() == pytest.approx(0.0, abs=1e-6)         # true cosine
     assert rel[0, 0, 0, 1].item() == pytest.approx(1.0)
     assert (rel[0, 2] == 0).all()
+
+
+@pytest.mark.parametrize("relation", [False, True])
+def test_fused_attention_equals_the_plain_formula(relation):
+    torch.manual_seed(0)
+    att = MHAtt(OpSpec(64, 0.1, 8), base=16, relation=relation).eval()
+    x, y = torch.randn(3, 7, 64), torch.randn(3, 5, 64)
+    mask = torch.zeros(3, 1, 1, 5, dtype=torch.bool)
+    mask[1, ..., -2:] = True
+    mask[2, ..., 1:] = True                                  # a single visible key
+    rel = torch.relu(torch.randn(3, 7, 5, 8))
+    fused = att(x, y, mask, rel if relation else None)
+    plain = att.reference(x, y, mask, rel if relation else None)
+    assert torch.allclose(fused, plain, atol=1e-5)

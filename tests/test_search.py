@@ -139,7 +139,7 @@ def test_weight_step_changes_only_the_sampled_path():
         for m in mixed_ops(net):
             m.sample(gen)
         before = {k: v.clone() for k, v in net.state_dict().items()}
-        weight_step(net, _Loss, b, optim, params, 1.0)
+        weight_step(net, _Loss, b, optim, params, cfg, torch.device("cpu"))
         after = net.state_dict()
         for block in mixed_ops(net):
             for i, op in enumerate(block.candidate_ops):
