@@ -18,6 +18,7 @@ from tqdm import tqdm
 from core import config as config_mod
 from core.cli import fail, parse_args, usage, wants_help
 from core.model import Net
+from utils import dist
 from utils.checkpoint import CheckpointError, save_checkpoint
 
 
@@ -25,24 +26,30 @@ class Run:
     """One run, one folder: ``logs/<task>/<kind>/<version>/`` with config, log, outputs."""
 
     def __init__(self, folder: Path, resume: bool):
-        self.folder = folder
-        if folder.exists() and not resume:
-            raise config_mod.ConfigError(
-                f"run folder {folder} already exists; pass --RESUME to continue it or choose "
-                f"another --VERSION (earlier runs are never overwritten)")
-        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.main = folder, dist.is_main()
+        if self.main:
+            if folder.exists() and not resume:
+                raise config_mod.ConfigError(
+                    f"run folder {folder} already exists; pass --RESUME to continue it or "
+                    f"choose another --VERSION (earlier runs are never overwritten)")
+            folder.mkdir(parents=True, exist_ok=True)
         self.log_file = folder / "log.txt"
 
     def log(self, message: str) -> None:
+        """Rank 0 prints and appends to log.txt; other ranks stay silent."""
+        if not self.main:
+            return
         tqdm.write(message)
         with self.log_file.open("a") as f:
             f.write(message + "\n")
 
     def checkpoint(self, epoch: int, payload: dict) -> Path:
         path = self.folder / f"epoch{epoch}.pkl"
-        save_checkpoint(path, payload)
-        from utils.io import atomic_write_text
-        atomic_write_text(self.folder / "last", path.name + "\n")
+        if self.main:
+            save_checkpoint(path, payload)
+            from utils.io import atomic_write_text
+            atomic_write_text(self.folder / "last", path.name + "\n")
+        dist.barrier()
         return path
 
     def last_checkpoint(self) -> Path:
@@ -74,7 +81,8 @@ def main(task_cls, kind: str, runner, argv: list[str] | None = None) -> None:
         if os.environ.get("MMNAS_TRACEBACK"):
             raise
         fail(message)
-    print(f"run folder: {run.folder}")
+    if dist.is_main():
+        print(f"run folder: {run.folder}")
 
 
 def _own_message(text: str) -> str:
@@ -88,6 +96,7 @@ def _own_message(text: str) -> str:
 def start(task_cls, kind: str, argv: list[str] | None = None):
     """Flags -> config -> run folder -> task; exits with one clear line on a user error."""
     argv = sys.argv[1:] if argv is None else argv
+    dist.init_from_env()
     script = f"{kind}_{task_cls.name}.py"
     if wants_help(argv):
         print(usage(script, task_cls.datasets))
@@ -100,6 +109,8 @@ def start(task_cls, kind: str, argv: list[str] | None = None):
                                          f"{', '.join(task_cls.datasets)}")
         if cfg.SEED is None:
             cfg.SEED = int.from_bytes(os.urandom(3), "little")
+        if dist.active():       # every rank must agree on the drawn seed and run name
+            cfg.SEED, cfg.VERSION = dist.broadcast((cfg.SEED, cfg.VERSION or _default_version(cfg)))
         mode = kind if cfg.RUN_MODE == "train" else cfg.RUN_MODE
         run = Run(_run_folder(cfg, mode), cfg.RESUME)
     except (config_mod.ConfigError, CheckpointError) as e:
@@ -107,9 +118,10 @@ def start(task_cls, kind: str, argv: list[str] | None = None):
     if cfg.RESUME and (run.folder / "config.yaml").exists():
         cfg = _resumed_config(run.folder / "config.yaml", task_cls.name, kind, overrides)
     cfg.freeze()
-    seed_everything(cfg.SEED)
+    seed_everything(cfg.SEED)       # the same on every rank: identical initial weights and paths
     from utils.io import atomic_write_text
-    atomic_write_text(run.folder / "config.yaml", cfg.dump())
+    if dist.is_main():
+        atomic_write_text(run.folder / "config.yaml", cfg.dump())
     run.log(f"== {script} {' '.join(argv)}\n== run folder: {run.folder}\n== config:\n"
             + cfg.dump().rstrip())
     return cfg, run, task_cls(cfg, run.log)
@@ -117,15 +129,19 @@ def start(task_cls, kind: str, argv: list[str] | None = None):
 
 def _run_folder(cfg, mode: str) -> Path:
     base = Path(cfg.LOG_ROOT) / cfg.TASK / mode
-    if cfg.VERSION:
-        return base / cfg.VERSION
+    if not cfg.VERSION:
+        cfg.VERSION = _default_version(cfg, base)
+    return base / cfg.VERSION
+
+
+def _default_version(cfg, base: Path | None = None) -> str:
+    """``<dataset>-<timestamp>``, with a counter if that folder exists already."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name, n = f"{cfg.DATASET}-{stamp}", 1
-    while (base / name).exists():
+    while base is not None and (base / name).exists():
         n += 1
         name = f"{cfg.DATASET}-{stamp}-{n}"
-    cfg.VERSION = name
-    return base / name
+    return name
 
 
 def _resumed_config(path: Path, task: str, kind: str, overrides: dict):
@@ -145,11 +161,11 @@ def seed_everything(seed: int) -> None:
 
 def device_of(cfg, log) -> torch.device:
     if torch.cuda.is_available():
+        if dist.active():
+            return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
         ids = [int(g) for g in str(cfg.GPU).split(",") if g.strip() != ""]
-        if len(ids) > 1:
-            log(f"note: this process uses GPU {ids[0]}; for several GPUs launch with torchrun")
         return torch.device(f"cuda:{ids[0] if ids else 0}")
-    log("no GPU found: running on CPU")
+    log(f"no GPU found: running on CPU{f' ({dist.world()} processes, gloo)' if dist.active() else ''}")
     return torch.device("cpu")
 
 
@@ -167,17 +183,39 @@ def build_net(cfg, task, backbone) -> Net:
                task.build_head())
 
 
+class RankBatches:
+    """Global batches in a fixed order per seed; this rank takes every world-th sample.
+
+    With one process it is a plain (shuffled) batch sampler. With N processes every rank
+    builds the same permutation and takes its share of each global batch, so N processes
+    see exactly the samples one process would, step by step.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int):
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+
+    def __len__(self):
+        return (self.n + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)) \
+            if self.shuffle else torch.arange(self.n)
+        for start in range(0, self.n, self.batch_size):
+            share = order[start:start + self.batch_size][dist.rank()::dist.world()].tolist()
+            if share:
+                yield share
+
+
 def loader(task, dataset: Dataset, cfg, batch_size: int, shuffle: bool, seed: int = 0):
     """Batches in a fixed order per (seed, epoch) so that a resumed run sees the same data.
 
     Always with its own generator: a loader without one draws its worker seed from the
     global RNG, and an evaluation would then change the dropout masks of later steps.
     """
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen,
+    return DataLoader(dataset, batch_sampler=RankBatches(len(dataset), batch_size, shuffle, seed),
                       num_workers=cfg.NUM_WORKERS, collate_fn=task.collate,
-                      pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False)
+                      generator=torch.Generator().manual_seed(seed),
+                      pin_memory=torch.cuda.is_available())
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -213,6 +251,8 @@ def weight_step(net: nn.Module, task, batch: dict, optim, params, cfg, device,
         scaler.unscale_(optim)
     else:
         loss.backward()
+    grads = [p.grad for p in params if p.grad is not None]
+    dist.sum_grads(grads)
     if cfg.GRAD_CLIP > 0:
         nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.GRAD_CLIP)
     if scaler is not None:

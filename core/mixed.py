@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from core.ops import OpSpec, build_op
+from utils import dist
 
 
 class MixedOp(nn.Module):
@@ -138,6 +139,9 @@ class Architect:
         try:
             loss = loss_fn()
             grads = torch.autograd.grad(loss, [m.gates for m in self.mixed], allow_unused=True)
+            grads = [torch.zeros_like(m.gates) if g is None else g
+                     for m, g in zip(self.mixed, grads)]
+            dist.sum_grads(grads)        # every rank drew the same gates
             self.optim.zero_grad(set_to_none=True)
             for m, g in zip(self.mixed, grads):
                 m.set_alpha_grad(g)

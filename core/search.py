@@ -21,6 +21,7 @@ from core.engine import (autocast, build_net, device_of, ensure_data, evaluate, 
 from core.mixed import Architect, mixed_ops, weight_parameters
 from core.model import current_arch, search_backbone
 from core.ops import ABBREV
+from utils import dist
 from utils.checkpoint import load_checkpoint, load_weights, rng_state, set_rng_state
 from utils.schedule import lr_at, set_lr
 
@@ -69,7 +70,8 @@ def run_search(cfg, task, run) -> dict:
         arch_batches = _cycle(task, arch_set, cfg, cfg.SEED * 1000 + epoch + 500)
         t0, total, n = time.time(), 0.0, 0
         bar = tqdm(loader(task, weight_set, cfg, cfg.BATCH_SIZE, True, cfg.SEED * 1000 + epoch),
-                   desc=f"search epoch {epoch + 1}/{cfg.MAX_EPOCH}", dynamic_ncols=True)
+                   desc=f"search epoch {epoch + 1}/{cfg.MAX_EPOCH}", dynamic_ncols=True,
+                   disable=not dist.is_main())
         for batch in bar:
             batch = to_device(batch, device)
             for m in architect.mixed:
@@ -87,7 +89,8 @@ def run_search(cfg, task, run) -> dict:
             "arch": arch.to_json(), "meta": task.model_meta(), "epoch": epoch + 1,
             "step": step, "state_dict": net.state_dict(), "net_optim": optim.state_dict(),
             "arch_optim": architect.optim.state_dict(), "rng": rng_state(path_gen)})
-        save_arch(arch_file, epoch + 1, arch)
+        if dist.is_main():
+            save_arch(arch_file, epoch + 1, arch)
         run.log(f"epoch {epoch + 1}: loss {total / max(n, 1):.4f}, lr {lr:.2e}, "
                 f"{n / (time.time() - t0):.1f} samples/s; checkpoint {ckpt.name}; "
                 f"architecture 'epoch{epoch + 1}' -> {arch_file}")

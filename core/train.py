@@ -11,6 +11,7 @@ from core.arch import Arch, load_arch, parse_arch
 from core.engine import (autocast, build_net, device_of, ensure_data, evaluate, format_metrics,
                          grad_scaler, loader, to_device, weight_step)
 from core.model import fixed_backbone
+from utils import dist
 from utils.checkpoint import (CheckpointError, load_checkpoint, load_weights, rng_state,
                               set_rng_state)
 from utils.io import atomic_write_json
@@ -38,12 +39,12 @@ def run_train(cfg, task, run) -> dict:
     results = {}
     for split in splits.split(","):
         metrics, predictions = evaluate(net, task, task.dataset(split), cfg, device, desc=split)
-        out = task.write_predictions(predictions, run.folder, split)
+        out = task.write_predictions(predictions, run.folder, split) if dist.is_main() else None
         run.log(f"{split}: {format_metrics(metrics) if metrics else 'no labels'}; "
                 f"predictions -> {out}")
         if metrics:
             results[split] = metrics
-    if results:
+    if results and dist.is_main():
         atomic_write_json(run.folder / f"metrics_{cfg.RUN_MODE}.json", results)
     return results
 
@@ -98,7 +99,8 @@ def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
         net.train()
         t0, total, n = time.time(), 0.0, 0
         bar = tqdm(loader(task, train_set, cfg, cfg.BATCH_SIZE, True, cfg.SEED * 1000 + epoch),
-                   desc=f"train epoch {epoch + 1}/{cfg.MAX_EPOCH}", dynamic_ncols=True)
+                   desc=f"train epoch {epoch + 1}/{cfg.MAX_EPOCH}", dynamic_ncols=True,
+                   disable=not dist.is_main())
         for batch in bar:
             batch = to_device(batch, device)
             total += weight_step(net, task, batch, optim, params, cfg, device, scaler)
@@ -118,7 +120,8 @@ def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
                 record[split], _ = evaluate(net, task, dataset, cfg, device, desc=split)
                 run.log(f"epoch {epoch + 1}: {split} {format_metrics(record[split])}")
             history.append(record)
-            atomic_write_json(run.folder / "metrics.json", history)
+            if dist.is_main():
+                atomic_write_json(run.folder / "metrics.json", history)
             metrics = record[next(iter(eval_sets))]
     run.log(f"training finished: checkpoints in {run.folder}")
     return metrics

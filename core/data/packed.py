@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 
 from core.data.features import FeatureError, image_id_of, read_npz
-from utils.io import atomic_write_json
 
 FORMAT, VERSION = "mmnas-packed-features", 1
 DTYPES = {"float16": "f16", "float32": "f32"}
@@ -47,6 +46,20 @@ INDEX_FIELDS = {"image_id": np.int64, "offset": np.int64, "count": np.int32,
 
 
 # --------------------------------------------------------------------------- store files
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    """Write-then-rename, so readers see the old or the new file, never half of one (and,
+    unlike ``mkstemp``, with the umask's permissions: a store is shared data)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(obj, indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def feats_file(dtype: str) -> str:
@@ -204,6 +217,16 @@ def read_progress(out_dir: Path) -> int:
         return 0
 
 
+def refuse_foreign(out_dir: Path) -> None:
+    """Never pack into (or delete files of) a folder that holds something else."""
+    ours = set(store_files())
+    foreign = [e.name for e in os.scandir(out_dir) if e.name not in ours and
+               not (e.name.startswith(".") and e.name.endswith(".tmp"))] if out_dir.is_dir() else []
+    if foreign:
+        raise FeatureError(f"{out_dir} is not empty ({foreign[0]}, ...) and holds no packed "
+                           f"store; pack into a new folder, e.g. {out_dir.parent / STORE_NAME}")
+
+
 def resume_point(out_dir: Path, header: dict, files: list, overwrite: bool) -> int | None:
     """Images already packed in an unfinished store of the same request, else None (start).
 
@@ -211,6 +234,8 @@ def resume_point(out_dir: Path, header: dict, files: list, overwrite: bool) -> i
     folders whose files changed since, unless ``overwrite``.
     """
     old = read_header(out_dir)
+    if old is None:
+        refuse_foreign(out_dir)
     if overwrite or old is None:
         return None
     if old.get("complete") is True:
@@ -305,11 +330,24 @@ def pack(src_dirs: list[Path], out_dir: Path, dtype: str = "float16", feat_size:
     header["complete"] = True
     atomic_write_json(out_dir / HEADER, header)
     (out_dir / PROGRESS).unlink(missing_ok=True)
-    size = sum((out_dir / n).stat().st_blocks * 512 for n in store_files() if (out_dir / n).exists())
+    size = sum((out_dir / n).stat().st_blocks * 512 for n in store_files()
+               if (out_dir / n).exists())
     return {**header, "seconds": time.perf_counter() - t0, "bytes": size, "resumed_at": first}
 
 
 # --------------------------------------------------------------------------- reading
+
+
+def as_float32(rows: np.ndarray) -> np.ndarray:
+    """A float32 copy; float16 goes through torch, whose vectorised cast is ~15x numpy's
+    (numpy 2.4 converts half floats one by one: ~150 us for 55 regions, torch ~12 us)."""
+    if rows.dtype == np.float32:
+        return np.array(rows)
+    try:
+        import torch
+    except ImportError:
+        return rows.astype(np.float32)
+    return torch.from_numpy(rows).to(torch.float32).numpy()
 
 
 class StorePaths(Mapping):
@@ -384,15 +422,17 @@ class PackedFeatures:
     def rows(self) -> tuple[np.ndarray, np.ndarray]:
         if self._feats is None:
             n, dtype = self.header["n_regions"], self.header["dtype"]
-            self._feats = open_rows(self.store / feats_file(dtype), dtype, (n, self.feat_size), "r")
-            self._boxes = open_rows(self.store / BOXES, np.float32, (n, 4), "r")
+            # copy-on-write maps: writable (torch.from_numpy warns on read-only arrays), yet
+            # never written, so every page stays shared with the OS page cache
+            self._feats = open_rows(self.store / feats_file(dtype), dtype, (n, self.feat_size), "c")
+            self._boxes = open_rows(self.store / BOXES, np.float32, (n, 4), "c")
         return self._feats, self._boxes
 
     def position(self, image_id) -> int | None:
         ids = self.index["image_id"]
         try:
             i = int(np.searchsorted(ids, image_id))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return None
         return i if i < len(ids) and ids[i] == image_id else None
 
@@ -421,5 +461,5 @@ class PackedFeatures:
         index, (feats, boxes) = self.index, self.rows()
         start = int(index["offset"][i])
         rows = slice(start, start + min(int(index["count"][i]), max_regions))
-        return (np.array(feats[rows], np.float32), np.array(boxes[rows], np.float32),
+        return (as_float32(feats[rows]), np.array(boxes[rows], np.float32),
                 (float(index["height"][i]), float(index["width"][i])))

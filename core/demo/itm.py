@@ -20,7 +20,8 @@ Captions are templated in five differently worded kinds (a single object, a
 list, a spatial relation, a count, an attribute statement), each mentioning 1-3
 objects, and together covering every object of the image.  Images come in
 families of 2-3 near-duplicates that differ in one attribute or one object's
-position, and every family member has a caption showing that difference, so
+position, and every family member has a caption showing that difference (the
+changed attribute, or a relation of the moved object where one is clear), so
 siblings are hard negatives that only the right details tell apart.
 
 Run ``python3 -m core.demo.itm --root datasets/demo`` to build it.

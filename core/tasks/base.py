@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from utils import dist
+
 
 class Task:
     name = ""
@@ -60,10 +62,13 @@ class Task:
         from tqdm import tqdm
         from core.engine import loader, to_device
         predictions = []
+        # Under torchrun each rank predicts every world-th batch slice; the gathered
+        # predictions are put back in dataset order, each sample exactly once.
         for batch in tqdm(loader(self, dataset, self.cfg, self.cfg.eval_batch_size(), False),
-                          desc=desc, leave=False, dynamic_ncols=True):
+                          desc=desc, leave=False, dynamic_ncols=True, disable=not dist.is_main()):
             batch = to_device(batch, device)
             predictions += self.predict(net(batch), batch)
+        predictions = in_dataset_order(predictions, len(dataset), self.cfg.eval_batch_size())
         return self.metric(predictions, dataset), predictions
 
     def predict(self, out, batch: dict) -> list[dict]:
@@ -79,6 +84,23 @@ class Task:
     def baseline(self, train: Dataset, evaluated: Dataset) -> dict:
         """A trivial baseline on the evaluated split, for the log (e.g. majority answer)."""
         return {}
+
+
+def in_dataset_order(local: list, n: int, batch_size: int) -> list:
+    """Gather every rank's predictions (see ``engine.RankBatches``) in dataset order."""
+    if not dist.active():
+        return local
+    parts = dist.gather_per_rank(local)
+    owner = [[] for _ in parts]
+    for start in range(0, n, batch_size):
+        block = list(range(start, min(start + batch_size, n)))
+        for r in range(len(parts)):
+            owner[r] += block[r::len(parts)]
+    merged = [None] * n
+    for r, part in enumerate(parts):
+        for idx, pred in zip(owner[r], part):
+            merged[idx] = pred
+    return merged
 
 
 def root_dataset(dataset: Dataset) -> Dataset:
