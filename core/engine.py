@@ -72,6 +72,8 @@ def main(task_cls, kind: str, runner, argv: list[str] | None = None) -> None:
 
     Set ``MMNAS_TRACEBACK=1`` to see the full traceback of such an error.
     """
+    argv = sys.argv[1:] if argv is None else argv
+    _launch_per_gpu(argv, task_cls)
     cfg, run, task = start(task_cls, kind, argv)
     try:
         runner(cfg, task, run)
@@ -83,6 +85,25 @@ def main(task_cls, kind: str, runner, argv: list[str] | None = None) -> None:
         fail(message)
     if dist.is_main():
         print(f"run folder: {run.folder}")
+
+
+def _launch_per_gpu(argv: list[str], task_cls) -> None:
+    """``--GPU=0,1,2,3`` outside torchrun: rerun this script under torchrun, one process per
+    listed GPU of this machine (``torchrun --standalone --nproc_per_node=N``)."""
+    if "RANK" in os.environ or not torch.cuda.is_available():
+        return
+    try:
+        gpus = str(parse_args(argv, task_cls.datasets).get("GPU", "0"))
+    except config_mod.ConfigError:
+        return                          # start() reports it
+    ids = [g.strip() for g in gpus.split(",") if g.strip()]
+    if len(ids) < 2:
+        return
+    import subprocess
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(ids))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={len(ids)}", sys.argv[0], *argv]
+    sys.exit(subprocess.call(cmd, env=env))
 
 
 def _own_message(text: str) -> str:

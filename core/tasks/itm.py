@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from core.data.features import NpzFeatures, pad_regions
+from core.data.features import open_features, pad_regions
 from core.data.flickr import feature_key, file_names, read_id_mapping, read_split
 from core.data.text import cached_vocab_and_vectors, encode
 from core.model import AttFlat, Side
@@ -40,7 +40,7 @@ class ITMDataset(Dataset):
     """Captions (the samples) of a split, their images' features, and mined negatives."""
 
     def __init__(self, captions: np.ndarray, caption_image: np.ndarray, keys: list[int],
-                 feats: NpzFeatures, cfg):
+                 feats, cfg):
         self.tokens, self.caption_image, self.keys, self.feats = captions, caption_image, keys, feats
         self.regions = cfg.MAX_REGIONS
         self.seed, self.epoch = cfg.SEED, 0
@@ -147,7 +147,7 @@ class ITMTask(Task):
         keep = np.flatnonzero(data.caption_image < n_images)
         names = file_names(data, self.mapping)[:n_images]
         keys = [feature_key(n) for n in names]
-        feats = NpzFeatures([self.root / "feats"], self.cfg.IMG_FEAT_SIZE)
+        feats = open_features([self.root / "feats"], self.cfg.IMG_FEAT_SIZE)
         feats.check({k: f"image {n} of {split}" for k, n in zip(keys, names)})
         tokens = np.stack([encode(data.captions[j], self.vocab, self.cfg.MAX_TOKEN) for j in keep])
         return ITMDataset(tokens, data.caption_image[keep], keys, feats, self.cfg)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from core.data.features import NpzFeatures, pad_regions
+from core.data.features import open_features, pad_regions
 from core.data.text import cached_vocab_and_vectors, encode
 from core.model import AttFlat
 from core.ops import LayerNorm
@@ -32,7 +32,7 @@ POSITIVE_IOU = 0.5
 
 
 class VGDDataset(Dataset):
-    def __init__(self, entries: list[dict], feats: NpzFeatures, vocab, cfg):
+    def __init__(self, entries: list[dict], feats, vocab, cfg):
         self.entries, self.feats, self.vocab = entries, feats, vocab
         self.max_token, self.regions = cfg.MAX_TOKEN, cfg.MAX_REGIONS
 
@@ -119,7 +119,8 @@ class VGDTask(Task):
                 needed.setdefault(e["image_id"], f"{path.name}[{i}] (sent_id "
                                                  f"{e.get('sent_id', '?')})")
             entries += part_entries
-        feats = NpzFeatures([Path(self.cfg.DATA_ROOT) / "vgd" / "feats"], self.cfg.IMG_FEAT_SIZE)
+        feats = open_features([Path(self.cfg.DATA_ROOT) / "vgd" / "feats"],
+                              self.cfg.IMG_FEAT_SIZE)
         feats.check(needed)
         return VGDDataset(entries, feats, self.vocab, self.cfg)
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from core.config import REPO
-from core.data.features import NpzFeatures, pad_regions
+from core.data.features import open_features, pad_regions
 from core.data.text import cached_vocab_and_vectors, encode, files_stamp
 from core.model import AttFlat
 from core.ops import LayerNorm
@@ -45,7 +45,7 @@ def soft_score(count: int) -> float:
 class VQADataset(Dataset):
     """Questions of one or more splits; features read per item, targets built per item."""
 
-    def __init__(self, entries: list[dict], feats: NpzFeatures, vocab, ans_to_ix, cfg):
+    def __init__(self, entries: list[dict], feats, vocab, ans_to_ix, cfg):
         self.entries, self.feats = entries, feats
         self.vocab, self.ans_to_ix = vocab, ans_to_ix
         self.max_token, self.max_regions = cfg.MAX_TOKEN, cfg.MAX_REGIONS
@@ -181,7 +181,7 @@ class VQATask(Task):
                 needed.setdefault(q["image_id"], f"question {q['question_id']} in {q_file}")
             dirs += [self._feature_root() / d for d in FEATURE_DIRS[part] if
                      self._feature_root() / d not in dirs]
-        feats = NpzFeatures(dirs, self.cfg.IMG_FEAT_SIZE)
+        feats = open_features(dirs, self.cfg.IMG_FEAT_SIZE)
         feats.check(needed)
         return VQADataset(entries, feats, self.vocab, self.ans_to_ix, self.cfg)
 
