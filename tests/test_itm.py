@@ -47,10 +47,14 @@ def _naive(net, ds, pairs):
     return np.array(out)
 
 
-@pytest.mark.parametrize("enc_ops", [("self_att_16", "feed_forward"),
-                                     ("guided_att_16", "feed_forward")])   # encoder reads image
-def test_fast_scoring_equals_naive_pairwise(dataset, enc_ops):
+@pytest.mark.parametrize("enc_ops,cache", [
+    (("self_att_16", "feed_forward"), True),      # captions encoded once for the whole pass
+    (("self_att_16", "feed_forward"), False),     # ... once per batch of pairs
+    (("guided_att_16", "feed_forward"), True)])   # the encoder reads the image: per pair
+def test_fast_scoring_equals_naive_pairwise(dataset, enc_ops, cache, monkeypatch):
     cfg, ds = dataset
+    if not cache:
+        monkeypatch.setattr("core.tasks.itm.TEXT_CACHE_BYTES", 0)
     net = _net(cfg, enc_ops)
     assert net.backbone.encoder_reads_image == (enc_ops[0] == "guided_att_16")
     img = np.repeat(np.arange(N_IMG), len(ds))

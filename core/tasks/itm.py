@@ -28,12 +28,14 @@ from core.data.text import cached_vocab_and_vectors, encode
 from core.model import AttFlat, Side
 from core.ops import LayerNorm
 from core.tasks.base import Task, root_dataset
+from utils import dist
 from utils.io import atomic_write
 from utils.retrieval import retrieval_metrics
 
 SPLITS = ("train", "dev", "test")
 MAPPING_FILES = ("id_mapping.json", "dataset_flickr30k.json")
 IMAGE_GROUP = 16            # images whose regions are projected together when scoring pairs
+TEXT_CACHE_BYTES = 2**30    # encoded captions kept for a whole scoring pass up to this size
 
 
 class ITMDataset(Dataset):
@@ -225,9 +227,9 @@ def score_pairs(net, ds: ITMDataset, pair_img: np.ndarray, pair_cap: np.ndarray,
                 batch: int, desc: str = "scoring pairs") -> np.ndarray:
     """Matching probabilities of (image, caption) pairs, in the given order.
 
-    Pairs are grouped by image: a group's regions are read and projected once; captions'
-    text sides are computed once per batch of pairs (encoded too when the encoder never
-    reads the image); only the decoder and the head run per pair.
+    Pairs are grouped by image: a group's regions are read and projected once; each
+    caption's text side is computed once (see ``_TextSides``); only the decoder and the
+    head run per pair.
     """
     was_training = net.training
     net.eval()
@@ -235,8 +237,9 @@ def score_pairs(net, ds: ITMDataset, pair_img: np.ndarray, pair_cap: np.ndarray,
     order = np.argsort(pair_img, kind="stable")
     images = np.unique(pair_img)
     starts = np.searchsorted(pair_img[order], images)
-    text_only = not net.backbone.encoder_reads_image
-    bar = tqdm(total=len(order), desc=desc, leave=False, dynamic_ncols=True, unit="pair")
+    texts = _TextSides(net, ds, np.unique(pair_cap), device, batch)
+    bar = tqdm(total=len(order), desc=desc, leave=False, dynamic_ncols=True, unit="pair",
+               disable=not dist.is_main())
     for g in range(0, len(images), IMAGE_GROUP):
         group = images[g:g + IMAGE_GROUP]
         lo = starts[g]
@@ -248,19 +251,45 @@ def score_pairs(net, ds: ITMDataset, pair_img: np.ndarray, pair_cap: np.ndarray,
         for s in range(lo, hi, batch):
             idx = order[s:min(s + batch, hi)]
             rows = torch.tensor([local[int(i)] for i in pair_img[idx]], device=device)
-            caps, inverse = np.unique(pair_cap[idx], return_inverse=True)
-            txt = net.text_side(torch.from_numpy(ds.tokens[caps]).to(device))
-            pair_img_side = _take(img, rows)
-            if text_only:
-                txt = _take(net.backbone.encode(txt, None), torch.from_numpy(inverse).to(device))
-                logits = net.fuse(txt, pair_img_side, encoded=True)
-            else:
-                logits = net.fuse(_take(txt, torch.from_numpy(inverse).to(device)), pair_img_side)
+            txt, encoded = texts.get(pair_cap[idx])
+            logits = net.fuse(txt, _take(img, rows), encoded=encoded)
             out[idx] = torch.sigmoid(logits.float()).cpu().numpy()
             bar.update(len(idx))
     bar.close()
     net.train(was_training)
     return out
+
+
+class _TextSides:
+    """Text sides of captions for pair scoring.
+
+    When no encoder block reads the image, the encoded text depends on the caption alone:
+    every caption is encoded once for the whole pass (if that fits TEXT_CACHE_BYTES),
+    otherwise once per batch of pairs. When the encoder reads the image, the encoder runs
+    per pair, inside ``fuse``.
+    """
+
+    def __init__(self, net, ds, captions: np.ndarray, device, batch: int):
+        self.net, self.ds, self.device = net, ds, device
+        self.text_only = not net.backbone.encoder_reads_image
+        self.captions, self.cache = captions, None
+        size = len(captions) * ds.tokens.shape[1] * net.lstm.hidden_size * 4
+        if self.text_only and size <= TEXT_CACHE_BYTES:
+            parts = [self._encode(captions[s:s + batch]) for s in range(0, len(captions), batch)]
+            self.cache = Side(torch.cat([p.x for p in parts]), torch.cat([p.mask for p in parts]))
+
+    def _encode(self, caps: np.ndarray) -> Side:
+        side = self.net.text_side(torch.from_numpy(self.ds.tokens[caps]).to(self.device))
+        return self.net.backbone.encode(side, None) if self.text_only else side
+
+    def get(self, caps: np.ndarray) -> tuple[Side, bool]:
+        """(text sides of ``caps``, whether they are already encoded)."""
+        if self.cache is not None:
+            rows = torch.from_numpy(np.searchsorted(self.captions, caps)).to(self.device)
+            return _take(self.cache, rows), True
+        unique, inverse = np.unique(caps, return_inverse=True)
+        return _take(self._encode(unique), torch.from_numpy(inverse).to(self.device)), \
+            self.text_only
 
 
 def _take(side: Side, index: torch.Tensor) -> Side:
