@@ -280,7 +280,7 @@ def test_marker_short_circuits_and_is_written_last(tmp_path, monkeypatch):
         raise AssertionError("rebuilt although the marker matched")
 
     monkeypatch.setattr(vgd.sc, "write_feature_file", fail)
-    monkeypatch.setattr(vgd, "_write_json", fail)
+    monkeypatch.setattr(vgd, "write_json", fail)
     assert vgd.build_vgd_demo(tmp_path, seed=1, sizes=small) == stats
     with pytest.raises(AssertionError):  # another seed must rebuild
         vgd.build_vgd_demo(tmp_path, seed=2, sizes=small)

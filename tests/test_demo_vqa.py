@@ -162,7 +162,7 @@ def test_marker_short_circuits_and_is_written_last(tmp_path, monkeypatch):
         raise AssertionError("rebuilt although the marker matched")
 
     monkeypatch.setattr(vqa.sc, "write_feature_file", fail)
-    monkeypatch.setattr(vqa, "_write_json", fail)
+    monkeypatch.setattr(vqa, "write_json", fail)
     assert vqa.build_vqa_demo(tmp_path, seed=1, sizes=small) == stats
     with pytest.raises(AssertionError):  # another seed must rebuild
         vqa.build_vqa_demo(tmp_path, seed=2, sizes=small)

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from core.demo import scenes as sc
-from core.demo.vqa import _REL_WORDS, _SYNONYMS as _VQA_SYNONYMS, _pick, _write_json
+from core.demo.vqa import REL_WORDS, SYNONYMS as _VQA_SYNONYMS, pick, write_json
 from utils.io import atomic_write_text
 
 VERSION = "itm-demo-1"
@@ -116,7 +116,7 @@ class ItmImage:
 def _word(value: str, rng) -> str:
     """The value itself most of the time, otherwise one of its synonyms."""
     options = SYNONYMS.get(value, ())
-    return value if not options or rng.random() < 0.6 else _pick(rng, options)
+    return value if not options or rng.random() < 0.6 else pick(rng, options)
 
 
 def _plural(noun: str) -> str:
@@ -130,7 +130,7 @@ def _article(phrase: str) -> str:
 def noun_phrase(values: dict[str, str], rng, plural: bool = False) -> str:
     """Bare phrase like "big red metal cube" / "shiny objects" with synonyms."""
     words = [_word(values[n], rng) for n in _PHRASE_ORDER if n in values]
-    noun = _word(values["shape"], rng) if "shape" in values else _pick(rng, ("object", "thing"))
+    noun = _word(values["shape"], rng) if "shape" in values else pick(rng, ("object", "thing"))
     return " ".join(words + [_plural(noun) if plural else noun])
 
 
@@ -174,7 +174,7 @@ def _cap_single(objects, must, show, rng):
     idx = must[0] if must else int(rng.integers(len(objects)))
     forced = set(show.get(idx, ())) | set(rng.choice(("colour", "size", "material"), 2, replace=False))
     a_np, names = _mention(objects, idx, rng, {idx: tuple(forced)})
-    template = _pick(rng, ("{a}", "{a} on a plain background", "an image of {a}", "a picture showing {a}",
+    template = pick(rng, ("{a}", "{a} on a plain background", "an image of {a}", "a picture showing {a}",
                            "there is {a} in the picture", "a photo of {a}"))
     return Caption(_finish(template.format(a=a_np)), "single", {idx: names}, {})
 
@@ -197,7 +197,7 @@ def _cap_list(objects, must, show, rng):
         a_np, mentions[i] = _mention(objects, i, rng, show)
         phrases.append(a_np)
     listed = _join(phrases)
-    template = _pick(rng, ("{l}", "{l} on a plain background", "a picture of {l}", "some objects : {l}")
+    template = pick(rng, ("{l}", "{l} on a plain background", "a picture of {l}", "some objects : {l}")
                      if len(chosen) == 3 else ("{l}", "{l} together", "a picture of {l}", "{l} on a plain background"))
     return Caption(_finish(template.format(l=listed)), "list", mentions, {})
 
@@ -223,8 +223,8 @@ def _cap_relation(objects, must, show, rng):
         return None
     a, b, direction = pairs[int(rng.integers(len(pairs)))]
     (a_np, a_names), (b_np, b_names) = _mention(objects, a, rng, show), _mention(objects, b, rng, show)
-    rel = _pick(rng, _REL_WORDS[direction])
-    template = _pick(rng, ("there is {a} {rel} {b}", "{a} {rel} {b}", "{a} is {rel} {b}", "{a} sits {rel} {b}",
+    rel = pick(rng, REL_WORDS[direction])
+    template = pick(rng, ("there is {a} {rel} {b}", "{a} {rel} {b}", "{a} is {rel} {b}", "{a} sits {rel} {b}",
                            "{lead} {b} there is {a}"))
     text = template.format(a=a_np, b=b_np, rel=rel, lead=_REL_LEADING[direction])
     return Caption(_finish(text), "relation", {a: a_names, b: b_names}, {"a": a, "b": b, "direction": direction})
@@ -260,7 +260,7 @@ def _cap_count(objects, must, show, rng):
         for i in rng.permutation(3).tolist():
             a_np, mentions[i] = _mention(objects, i, rng, show)
             phrases.append(a_np)
-        head = _pick(rng, ("three objects :", "there are three objects :", "three things :"))
+        head = pick(rng, ("three objects :", "there are three objects :", "three things :"))
         return Caption(_finish(f"{head} {_join(phrases)}"), "count", mentions, {"values": {}, "count": 3})
     groups = _count_groups(objects, must)
     if not groups:
@@ -272,9 +272,9 @@ def _cap_count(objects, must, show, rng):
     mentions = {i: tuple(values) for i in members}
     if extra:
         a_np, mentions[extra[0]] = _mention(objects, extra[0], rng, show)
-        text = _pick(rng, ("{g} and {a}", "{a} and {g}", "there are {g} and {a}")).format(g=group, a=a_np)
+        text = pick(rng, ("{g} and {a}", "{a} and {g}", "there are {g} and {a}")).format(g=group, a=a_np)
     else:
-        text = _pick(rng, ("{g}", "there are {g} in the picture", "{g} on a plain background")).format(g=group)
+        text = pick(rng, ("{g}", "there are {g} in the picture", "{g} on a plain background")).format(g=group)
     return Caption(_finish(text), "count", mentions, {"values": values, "count": len(members)})
 
 
@@ -282,7 +282,7 @@ def _predicate(obj: sc.Obj, asked: str, rng) -> str:
     """What an attribute statement says: "red", "big", "made of metal", "a cube"."""
     value = obj.attr(asked)
     if asked == "material":
-        return "made of " + _pick(rng, _MATERIAL_NOUNS[value])
+        return "made of " + pick(rng, _MATERIAL_NOUNS[value])
     if asked == "shape":
         return _article(_word(value, rng))
     return _word(value, rng)
@@ -292,7 +292,7 @@ def _statement(objects, idx, rng, show) -> tuple[str, tuple[str, ...]] | None:
     """"the cube is red": a unique description of the object (not using the asked
     attribute) and the asked attribute, which ``show`` picks if it names one."""
     forced = show.get(idx, ())
-    asked = forced[0] if forced else _pick(rng, ("colour", "colour", "size", "material", "shape"))
+    asked = forced[0] if forced else pick(rng, ("colour", "colour", "size", "material", "shape"))
     combos = sc.unique_descriptions(objects, idx, exclude=(asked,))
     if not combos:
         return None
@@ -391,7 +391,7 @@ def _base_layout(rng) -> tuple[int, int, list[sc.Obj]]:
     width, height = int(rng.integers(500, 641)), int(rng.integers(375, 481))
     objects: list[sc.Obj] = []
     while len(objects) < 3:
-        objects = sc._place_objects(rng, width, height, int(rng.integers(3, MAX_OBJECTS + 1)))
+        objects = sc.place_objects(rng, width, height, int(rng.integers(3, MAX_OBJECTS + 1)))
     return width, height, objects
 
 
@@ -401,8 +401,8 @@ def _refit(rng, obj: sc.Obj, width: int, height: int, **attrs) -> sc.Obj:
     new = dataclasses.replace(obj, **attrs)
     if "size" not in attrs and "shape" not in attrs:
         return new
-    w = rng.uniform(*sc._SIDE_RANGE[new.size])
-    h = w * sc._ASPECT[new.shape] * rng.uniform(0.95, 1.05)
+    w = rng.uniform(*sc.SIDE_RANGE[new.size])
+    h = w * sc.ASPECT[new.shape] * rng.uniform(0.95, 1.05)
     cx, cy = obj.centre
     x1 = float(np.clip(cx - w / 2, 2.0, width - w - 2.0))
     y1 = float(np.clip(cy - h / 2, 2.0, height - h - 2.0))
@@ -412,11 +412,11 @@ def _refit(rng, obj: sc.Obj, width: int, height: int, **attrs) -> sc.Obj:
 def _moved(rng, obj: sc.Obj, others: list[sc.Obj], earlier: list[sc.Obj], width: int, height: int):
     """``obj`` at a free spot at least ``MIN_MOVE`` from its ``earlier`` positions."""
     for _attempt in range(100):
-        box = sc._object_box(rng, obj.size, obj.shape, width, height)
+        box = sc.object_box(rng, obj.size, obj.shape, width, height)
         cand = dataclasses.replace(obj, box=box)
         far = all(np.hypot(cand.centre[0] - e.centre[0], cand.centre[1] - e.centre[1]) >= MIN_MOVE
                   for e in earlier)
-        if far and not sc._overlaps(box, [o.box for o in others]):
+        if far and not sc.overlaps(box, [o.box for o in others]):
             return cand
     return None
 
@@ -437,7 +437,7 @@ def _variants(rng, objects, j: int, change: str, n: int, width: int, height: int
         if len(found) == n:
             break
         cand = _refit(rng, objects[j], width, height, **{change: value})
-        if not sc._overlaps(cand.box, [o.box for o in others]):
+        if not sc.overlaps(cand.box, [o.box for o in others]):
             found.append(cand)
     return found[1:]
 
@@ -527,11 +527,11 @@ def _object_regions(rng, obj: sc.Obj) -> list[tuple[tuple, np.ndarray, bool]]:
     """(box, feature, is_object) for one object: a tight box, 1-2 jittered copies
     with slightly weaker full signal, and 0-1 part boxes with a partial one."""
     signal = sc.object_signal(obj)
-    regions = [(obj.box, sc._noisy(signal, rng), True)]
+    regions = [(obj.box, sc.noisy(signal, rng), True)]
     for _ in range(int(rng.integers(1, 3))):
-        regions.append((_jittered_box(rng, obj.box), sc._noisy(signal * np.float32(rng.uniform(0.75, 1.0)), rng), True))
+        regions.append((_jittered_box(rng, obj.box), sc.noisy(signal * np.float32(rng.uniform(0.75, 1.0)), rng), True))
     if rng.random() < 0.5:
-        regions.append((_part_box(rng, obj.box), sc._noisy(sc._partial(signal, rng, 0.5), rng), False))
+        regions.append((_part_box(rng, obj.box), sc.noisy(sc.partial(signal, rng, 0.5), rng), False))
     return regions
 
 
@@ -545,9 +545,9 @@ def make_regions(image: ItmImage, rng) -> sc.Scene:
     for k, obj in enumerate(image.objects):
         regions += [(box, feat, k if is_object else -1) for box, feat, is_object in _object_regions(rng, obj)]
     while len(regions) < NUM_BOXES:
-        regions.append((*sc._extra_region(rng, image.objects, image.width, image.height), -1))
+        regions.append((*sc.extra_region(rng, image.objects, image.width, image.height), -1))
     boxes, feats, owner = zip(*regions)
-    boxes = [sc._clip_box(b, image.width, image.height) for b in boxes]
+    boxes = [sc.clip_box(b, image.width, image.height) for b in boxes]
     feats = np.round(np.stack(feats) / FEATURE_STEP) * FEATURE_STEP
     order = rng.permutation(NUM_BOXES)
     return sc.Scene(image_id=image.imgid, width=image.width, height=image.height, objects=image.objects,
@@ -651,7 +651,7 @@ def build_itm_demo(root: Path, seed: int = 0, sizes: dict | None = None) -> dict
     atomic_write_text(root / "itm" / "id_mapping.json", json.dumps(ordered))  # real file: default separators
 
     stats = _stats(plan)
-    _write_json(marker, {"version": VERSION, "seed": seed, "sizes": sizes, "stats": stats})
+    write_json(marker, {"version": VERSION, "seed": seed, "sizes": sizes, "stats": stats})
     return stats
 
 

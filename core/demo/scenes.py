@@ -41,8 +41,8 @@ PROTOTYPE_ACTIVE = 40      # non-zero dims per prototype (disjoint supports)
 SPATIAL_MARGIN = 25.0      # px; centre offsets below this are "neither side"
 NEAREST_GAP = 1.25         # runner-up must be this much farther to be "the" nearest
 
-_SIDE_RANGE = {"small": (38.0, 60.0), "large": (80.0, 115.0)}
-_ASPECT = {"cube": 1.0, "ball": 1.0, "cylinder": 1.35, "cone": 1.25}  # height / width
+SIDE_RANGE = {"small": (38.0, 60.0), "large": (80.0, 115.0)}
+ASPECT = {"cube": 1.0, "ball": 1.0, "cylinder": 1.35, "cone": 1.25}  # height / width
 _OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 DIRECTIONS = tuple(_OPPOSITE)
 
@@ -117,7 +117,7 @@ def object_signal(obj: Obj) -> np.ndarray:
     return vec
 
 
-def _noisy(signal: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def noisy(signal: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Jitter active dims a little and sprinkle weak clutter, like ReLU outputs.
 
     Noise stays far below the prototype values (1..3) so attributes remain
@@ -129,7 +129,7 @@ def _noisy(signal: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(out, 0.0, None).astype(np.float32)
 
 
-def _partial(signal: np.ndarray, rng: np.random.Generator, keep: float) -> np.ndarray:
+def partial(signal: np.ndarray, rng: np.random.Generator, keep: float) -> np.ndarray:
     """A weakened copy of an object's signal, as a detector sees a part of it."""
     mask = rng.random(FEATURE_DIM) < keep
     return signal * mask * np.float32(rng.uniform(0.35, 0.6))
@@ -138,7 +138,7 @@ def _partial(signal: np.ndarray, rng: np.random.Generator, keep: float) -> np.nd
 # --------------------------------------------------------------------------- geometry
 
 
-def _overlaps(box: tuple, others: list[tuple], limit: float = 0.08) -> bool:
+def overlaps(box: tuple, others: list[tuple], limit: float = 0.08) -> bool:
     """True if ``box`` covers more than ``limit`` of the smaller of it and any other."""
     x1, y1, x2, y2 = box
     for ox1, oy1, ox2, oy2 in others:
@@ -151,10 +151,10 @@ def _overlaps(box: tuple, others: list[tuple], limit: float = 0.08) -> bool:
     return False
 
 
-def _object_box(rng, size: str, shape: str, width: int, height: int) -> tuple:
+def object_box(rng, size: str, shape: str, width: int, height: int) -> tuple:
     """A random box whose scale follows the size and whose aspect follows the shape."""
-    w = rng.uniform(*_SIDE_RANGE[size])
-    h = w * _ASPECT[shape] * rng.uniform(0.95, 1.05)
+    w = rng.uniform(*SIDE_RANGE[size])
+    h = w * ASPECT[shape] * rng.uniform(0.95, 1.05)
     x1 = rng.uniform(2.0, width - w - 2.0)
     y1 = rng.uniform(2.0, height - h - 2.0)
     return (float(x1), float(y1), float(x1 + w), float(y1 + h))
@@ -164,34 +164,34 @@ def _random_attrs(rng) -> dict[str, str]:
     return {name: vals[rng.integers(len(vals))] for name, vals in ATTRIBUTES.items()}
 
 
-def _place_objects(rng, width: int, height: int, n: int) -> list[Obj]:
+def place_objects(rng, width: int, height: int, n: int) -> list[Obj]:
     """Draw up to ``n`` objects at non-overlapping-ish positions (may place fewer)."""
     objects: list[Obj] = []
     for _ in range(n):
         attrs = _random_attrs(rng)
         for _attempt in range(60):
-            box = _object_box(rng, attrs["size"], attrs["shape"], width, height)
-            if not _overlaps(box, [o.box for o in objects]):
+            box = object_box(rng, attrs["size"], attrs["shape"], width, height)
+            if not overlaps(box, [o.box for o in objects]):
                 objects.append(Obj(box=box, **attrs))
                 break
     return objects
 
 
-def _clip_box(box, width: int, height: int) -> tuple:
+def clip_box(box, width: int, height: int) -> tuple:
     x1, y1, x2, y2 = box
     x1, x2 = max(0.0, x1), min(float(width), x2)
     y1, y2 = max(0.0, y1), min(float(height), y2)
     return (x1, y1, max(x2, x1 + 1.0), max(y2, y1 + 1.0))
 
 
-def _extra_region(rng, objects: list[Obj], width: int, height: int):
+def extra_region(rng, objects: list[Obj], width: int, height: int):
     """One distractor region: background, a part of an object, or loose context."""
     kind = rng.choice(3, p=(0.4, 0.35, 0.25))
     bg = prototypes()["background"]
     if kind == 0:
         w, h = rng.uniform(0.3, 0.9) * width, rng.uniform(0.3, 0.9) * height
         x1, y1 = rng.uniform(0, width - w), rng.uniform(0, height - h)
-        return (x1, y1, x1 + w, y1 + h), _noisy(bg * np.float32(rng.uniform(0.6, 1.2)), rng)
+        return (x1, y1, x1 + w, y1 + h), noisy(bg * np.float32(rng.uniform(0.6, 1.2)), rng)
     obj = objects[rng.integers(len(objects))]
     x1, y1, x2, y2 = obj.box
     bw, bh = x2 - x1, y2 - y1
@@ -199,11 +199,11 @@ def _extra_region(rng, objects: list[Obj], width: int, height: int):
         fw, fh = rng.uniform(0.4, 0.7), rng.uniform(0.4, 0.7)
         px, py = x1 + rng.uniform(0, 1 - fw) * bw, y1 + rng.uniform(0, 1 - fh) * bh
         box = (px, py, px + fw * bw, py + fh * bh)
-        return box, _noisy(_partial(object_signal(obj), rng, 0.5), rng)
+        return box, noisy(partial(object_signal(obj), rng, 0.5), rng)
     pad = rng.uniform(0.3, 0.6)  # context: loose box, object diluted by background
     box = (x1 - pad * bw, y1 - pad * bh, x2 + pad * bw, y2 + pad * bh)
-    feat = _partial(object_signal(obj), rng, 0.6) + bg * np.float32(rng.uniform(0.4, 0.8))
-    return box, _noisy(feat, rng)
+    feat = partial(object_signal(obj), rng, 0.6) + bg * np.float32(rng.uniform(0.4, 0.8))
+    return box, noisy(feat, rng)
 
 
 def make_scene(image_id: int, rng: np.random.Generator) -> Scene:
@@ -211,13 +211,13 @@ def make_scene(image_id: int, rng: np.random.Generator) -> Scene:
     width, height = int(rng.integers(500, 641)), int(rng.integers(375, 481))
     objects: list[Obj] = []
     while len(objects) < 3:
-        objects = _place_objects(rng, width, height, int(rng.integers(3, 9)))
+        objects = place_objects(rng, width, height, int(rng.integers(3, 9)))
     boxes = [o.box for o in objects]
-    feats = [_noisy(object_signal(o), rng) for o in objects]
+    feats = [noisy(object_signal(o), rng) for o in objects]
     owner = list(range(len(objects)))
     for _ in range(int(rng.integers(2, 7))):
-        box, feat = _extra_region(rng, objects, width, height)
-        boxes.append(_clip_box(box, width, height))
+        box, feat = extra_region(rng, objects, width, height)
+        boxes.append(clip_box(box, width, height))
         feats.append(feat)
         owner.append(-1)
     order = rng.permutation(len(boxes))

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from core.demo import scenes as sc
-from core.demo.vqa import _REL_WORDS, _describe, _pick, _write_json, phrase
+from core.demo.vqa import REL_WORDS, describe, pick, write_json, phrase
 from utils.boxes import area, clip_boxes, iou, xywh_to_xyxy
 
 VERSION = "vgd-demo-1"
@@ -90,10 +90,10 @@ class VgdImage:
 
 def _ref_attr(objects, idx, rng):
     """The target by a unique attribute phrase ("the large blue ball")."""
-    np_ = _describe(objects, idx, rng)
+    np_ = describe(objects, idx, rng)
     if np_ is None:
         return None
-    return _pick(rng, ("the {np}", "{np}")).format(np=np_), {"kind": "attr"}
+    return pick(rng, ("the {np}", "{np}")).format(np=np_), {"kind": "attr"}
 
 
 def _noun_filter(obj: sc.Obj, rng) -> dict[str, str]:
@@ -107,7 +107,7 @@ def _ref_relation(objects, idx, rng):
     "the cube left of the red ball" means: of the cubes, the one clearly left of
     the red ball and nearest to it (``nearest_in_direction`` over that group).
     """
-    direction = _pick(rng, sc.DIRECTIONS)
+    direction = pick(rng, sc.DIRECTIONS)
     values = _noun_filter(objects[idx], rng)
     group = sc.matching(objects, **values)
     for ref in (int(r) for r in rng.permutation(len(objects))):
@@ -117,11 +117,11 @@ def _ref_relation(objects, idx, rng):
         winner = sc.nearest_in_direction([objects[i] for i in sub], sub.index(ref), direction)
         if winner is None or sub[winner] != idx:
             continue
-        ref_np = _describe(objects, ref, rng)
+        ref_np = describe(objects, ref, rng)
         if ref_np is None:
             continue
-        head = _pick(rng, ("the ", "")) + phrase(values, rng)
-        text = f"{head} {_pick(rng, _REL_WORDS[direction])} the {ref_np}"
+        head = pick(rng, ("the ", "")) + phrase(values, rng)
+        text = f"{head} {pick(rng, REL_WORDS[direction])} the {ref_np}"
         return text, {"kind": "relation", "ref": ref, "direction": direction, "group": group}
     return None
 
@@ -132,7 +132,7 @@ def _ref_extreme(objects, idx, rng):
     Unambiguous only when the target is clearly (beyond the spatial margin) in
     that direction of every other group member.
     """
-    direction = _pick(rng, sc.DIRECTIONS)
+    direction = pick(rng, sc.DIRECTIONS)
     target = objects[idx]
     options = ((), ("shape",), ("colour",), ("colour", "shape"))
     for names in (options[int(k)] for k in rng.permutation(len(options))):
@@ -143,7 +143,7 @@ def _ref_extreme(objects, idx, rng):
         if all(sc.relation(target, objects[j], direction) is True for j in group if j != idx):
             np_ = phrase(values, rng)
             if rng.random() < 0.7:
-                text = f"{_pick(rng, ('the ', ''))}{_pick(rng, _EXTREME_WORDS[direction])} {np_}"
+                text = f"{pick(rng, ('the ', ''))}{pick(rng, _EXTREME_WORDS[direction])} {np_}"
             else:
                 text = f"the {np_} {_EXTREME_SIDE[direction]}"
             return text, {"kind": "extreme", "direction": direction, "group": group}
@@ -461,10 +461,10 @@ def build_vgd_demo(root: Path, seed: int = 0, sizes: dict | None = None) -> dict
         for image in plan[split]:
             write_image_features(root, image, seed)
         records = [r for image in plan[split] for r in image.records]
-        _write_json(root / "vgd" / "demo" / f"{split}.json", strip_private(records))
+        write_json(root / "vgd" / "demo" / f"{split}.json", strip_private(records))
 
     stats = _stats(plan)
-    _write_json(marker, {"version": VERSION, "seed": seed, "sizes": sizes, "stats": stats})
+    write_json(marker, {"version": VERSION, "seed": seed, "sizes": sizes, "stats": stats})
     return stats
 
 

@@ -89,27 +89,27 @@ def majority_baseline(train_annotations: list[dict], val_annotations: list[dict]
 # --------------------------------------------------------------------------- phrasing
 
 
-def _pick(rng, options):
+def pick(rng, options):
     return options[int(rng.integers(len(options)))]
 
 
 def phrase(values: dict[str, str], rng, plural: bool = False) -> str:
     """Noun phrase like "small red metal cube" / "green objects" for attribute values."""
     words = [values[n] for n in ("size", "colour", "material") if n in values]
-    noun = values.get("shape") or _pick(rng, ("object", "thing"))
+    noun = values.get("shape") or pick(rng, ("object", "thing"))
     return " ".join(words + [noun + ("s" if plural else "")])
 
 
-def _describe(objects, idx, rng, exclude=()) -> str | None:
+def describe(objects, idx, rng, exclude=()) -> str | None:
     """A uniquely identifying phrase for ``objects[idx]``, or None if none exists."""
     combos = sc.unique_descriptions(objects, idx, exclude)
     if not combos:
         return None
-    combo = _pick(rng, combos)
+    combo = pick(rng, combos)
     return phrase({n: objects[idx].attr(n) for n in combo}, rng)
 
 
-_REL_WORDS = {
+REL_WORDS = {
     "left": ("left of", "to the left of", "on the left of"),
     "right": ("right of", "to the right of", "on the right of"),
     "above": ("above", "over"),
@@ -158,12 +158,12 @@ def _q_count(objects, rng):
         src = objects[int(rng.integers(len(objects)))]
         values = {n: src.attr(n) for n in names}
     else:
-        values = {n: _pick(rng, sc.ATTRIBUTES[n]) for n in names}
+        values = {n: pick(rng, sc.ATTRIBUTES[n]) for n in names}
     count = len(sc.matching(objects, **values))
     if count > MAX_COUNT:
         return None
     np_ = phrase(values, rng, plural=True)
-    text = _pick(rng, ("How many {np} are there?", "How many {np} are in the picture?",
+    text = pick(rng, ("How many {np} are there?", "How many {np} are in the picture?",
                        "How many {np} can you see?", "How many {np} are in the image?")).format(np=np_)
     return text, str(count), "number", {"kind": "count", "filter": values}
 
@@ -174,10 +174,10 @@ def _absent_values(objects, rng, names):
         if rng.random() < 0.5:
             src = objects[int(rng.integers(len(objects)))]
             values = {n: src.attr(n) for n in names}
-            flip = _pick(rng, names)
-            values[flip] = _pick(rng, [v for v in sc.ATTRIBUTES[flip] if v != values[flip]])
+            flip = pick(rng, names)
+            values[flip] = pick(rng, [v for v in sc.ATTRIBUTES[flip] if v != values[flip]])
         else:
-            values = {n: _pick(rng, sc.ATTRIBUTES[n]) for n in names}
+            values = {n: pick(rng, sc.ATTRIBUTES[n]) for n in names}
         if not sc.matching(objects, **values):
             return values
     return None
@@ -195,10 +195,10 @@ def _q_exist(objects, rng):
             return None
     if rng.random() < 0.4:
         np_ = phrase(values, rng, plural=True)
-        text = _pick(rng, ("Are there any {np}?", "Are there any {np} in the picture?")).format(np=np_)
+        text = pick(rng, ("Are there any {np}?", "Are there any {np} in the picture?")).format(np=np_)
     else:
         np_ = phrase(values, rng)
-        text = _pick(rng, ("Is there a {np}?", "Is there a {np} in the image?",
+        text = pick(rng, ("Is there a {np}?", "Is there a {np} in the image?",
                            "Do you see a {np}?")).format(np=np_)
     return text, answer, "yes/no", {"kind": "exist", "filter": values}
 
@@ -211,25 +211,25 @@ def _q_attr(objects, rng):
     """An attribute of a uniquely described object (described without that attribute)."""
     idx = int(rng.integers(len(objects)))
     asked = _asked_attr(rng)
-    np_ = _describe(objects, idx, rng, exclude=(asked,))
+    np_ = describe(objects, idx, rng, exclude=(asked,))
     if np_ is None:
         return None
-    text = _pick(rng, _ASK_ATTR[asked]).format(np=np_)
+    text = pick(rng, _ASK_ATTR[asked]).format(np=np_)
     return text, objects[idx].attr(asked), "other", {"kind": "attr", "target": idx, "asked": asked}
 
 
 def _q_spatial_query(objects, rng):
     """An attribute of the nearest object in a direction from a unique referent."""
     ref = int(rng.integers(len(objects)))
-    direction = _pick(rng, sc.DIRECTIONS)
+    direction = pick(rng, sc.DIRECTIONS)
     target = sc.nearest_in_direction(objects, ref, direction)
     if target is None:
         return None
-    ref_np = _describe(objects, ref, rng)
+    ref_np = describe(objects, ref, rng)
     if ref_np is None:
         return None
     asked = _asked_attr(rng)
-    text = _pick(rng, _ASK_SPATIAL[asked]).format(rel=_pick(rng, _REL_WORDS[direction]), ref=ref_np)
+    text = pick(rng, _ASK_SPATIAL[asked]).format(rel=pick(rng, REL_WORDS[direction]), ref=ref_np)
     meta = {"kind": "spatial_query", "ref": ref, "target": target, "direction": direction, "asked": asked}
     return text, objects[target].attr(asked), "other", meta
 
@@ -237,11 +237,11 @@ def _q_spatial_query(objects, rng):
 def _q_spatial_yesno(objects, rng):
     """Whether one unique object lies in a direction of another; balanced yes/no."""
     a, b = (int(i) for i in rng.choice(len(objects), 2, replace=False))
-    direction = _pick(rng, sc.DIRECTIONS)
+    direction = pick(rng, sc.DIRECTIONS)
     truth = sc.relation(objects[a], objects[b], direction)
     if truth is None:
         return None
-    a_np, b_np = _describe(objects, a, rng), _describe(objects, b, rng)
+    a_np, b_np = describe(objects, a, rng), describe(objects, b, rng)
     if a_np is None or b_np is None:
         return None
     if (rng.random() < 0.5) != truth:  # flip the direction to hit the drawn answer
@@ -249,7 +249,7 @@ def _q_spatial_yesno(objects, rng):
     if direction in ("left", "right") and rng.random() < 0.3:
         text = f"Is the {a_np} on the {direction} side of the {b_np}?"
     else:
-        text = f"Is the {a_np} {_pick(rng, _REL_WORDS[direction])} the {b_np}?"
+        text = f"Is the {a_np} {pick(rng, REL_WORDS[direction])} the {b_np}?"
     meta = {"kind": "spatial_yesno", "a": a, "b": b, "direction": direction}
     return text, "yes" if truth else "no", "yes/no", meta
 
@@ -288,7 +288,7 @@ def generate_questions(objects: list, rng: np.random.Generator, n: int) -> list[
 
 # --------------------------------------------------------------------------- annotators
 
-_SYNONYMS = {"gray": ("grey",), "ball": ("sphere",), "cube": ("box", "block"), "cone": ("pyramid",),
+SYNONYMS = {"gray": ("grey",), "ball": ("sphere",), "cube": ("box", "block"), "cone": ("pyramid",),
              "large": ("big",), "small": ("tiny",), "metal": ("metallic", "shiny"), "rubber": ("plastic",)}
 _DIGIT_WORDS = {v: k for k, v in MANUAL_MAP.items() if k != "none"}
 
@@ -307,8 +307,8 @@ def _wrong_answer(truth: str, rng) -> str:
         return str(n + 1) if n == 0 or rng.random() < 0.5 else str(n - 1)
     if truth in ("yes", "no"):
         return "no" if truth == "yes" else "yes"
-    options = [v for v in _category(truth) if v != truth] + list(_SYNONYMS.get(truth, ()))
-    return _pick(rng, options)
+    options = [v for v in _category(truth) if v != truth] + list(SYNONYMS.get(truth, ()))
+    return pick(rng, options)
 
 
 def _raw_variant(truth: str, rng) -> str:
@@ -316,8 +316,8 @@ def _raw_variant(truth: str, rng) -> str:
     if truth.isdigit():
         return _DIGIT_WORDS.get(truth, truth)
     if truth in ("yes", "no"):
-        return _pick(rng, (truth.capitalize(), truth + "."))
-    return _pick(rng, (truth.capitalize(), "a " + truth, "the " + truth, truth + "."))
+        return pick(rng, (truth.capitalize(), truth + "."))
+    return pick(rng, (truth.capitalize(), "a " + truth, "the " + truth, truth + "."))
 
 
 def annotate(truth: str, rng) -> tuple[list[dict], str]:
@@ -347,7 +347,7 @@ def annotate(truth: str, rng) -> tuple[list[dict], str]:
 # --------------------------------------------------------------------------- files
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     """Compact, deterministic JSON (like the real files), written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
@@ -468,15 +468,15 @@ def build_vqa_demo(root: Path, seed: int = 0, sizes: dict | None = None) -> dict
 
     vqa = root / "vqa"
     for split, subtype in SUBTYPES.items():
-        _write_json(vqa / f"v2_OpenEnded_mscoco_{subtype}_questions.json", _question_file(subtype, records[split][0]))
+        write_json(vqa / f"v2_OpenEnded_mscoco_{subtype}_questions.json", _question_file(subtype, records[split][0]))
         if split != "test":
-            _write_json(vqa / f"v2_mscoco_{subtype}_annotations.json",
+            write_json(vqa / f"v2_mscoco_{subtype}_annotations.json",
                         _annotation_file(subtype, _strip_private(records[split][1])))
-    _write_json(vqa / "VG_questions.json", _question_file("train2014", vg_records[0]))
-    _write_json(vqa / "VG_annotations.json", _annotation_file("train2014", _strip_private(vg_records[1])))
+    write_json(vqa / "VG_questions.json", _question_file("train2014", vg_records[0]))
+    write_json(vqa / "VG_annotations.json", _annotation_file("train2014", _strip_private(vg_records[1])))
 
     stats = _stats(scene_sets, records, vg_records)
-    _write_json(marker, {"version": VERSION, "seed": seed, "sizes": sizes, "stats": stats})
+    write_json(marker, {"version": VERSION, "seed": seed, "sizes": sizes, "stats": stats})
     return stats
 
 
