@@ -9,6 +9,7 @@ import torch
 
 from core.demo import scenes as sc
 from core.demo import vgd
+from core.demo.build import resolve_sizes
 from utils.boxes import iou, xywh_to_xyxy
 
 TINY = {"train": 12, "val": 5, "testA": 4, "testB": 4}
@@ -28,7 +29,7 @@ def built(tmp_path_factory):
 @pytest.fixture(scope="module")
 def plan():
     """The generator's view of the ``built`` demo: objects and private record fields."""
-    return vgd.plan_demo(3, vgd._resolve_sizes(TINY))
+    return vgd.plan_demo(3, resolve_sizes(vgd.DEFAULT_SIZES, TINY))
 
 
 def _entries(splits):

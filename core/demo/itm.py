@@ -29,17 +29,16 @@ Run ``python3 -m core.demo.itm --root datasets/demo`` to build it.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from core.demo import scenes as sc
+from core.demo.build import cli, read_marker, resolve_sizes
 from core.demo.vqa import REL_WORDS, SYNONYMS as _VQA_SYNONYMS, pick, write_json
 from utils.io import atomic_write_text
 
@@ -604,28 +603,6 @@ def _stats(plan: dict[str, list[ItmImage]]) -> dict:
     }
 
 
-def _resolve_sizes(sizes: dict | None) -> dict:
-    merged = dict(DEFAULT_SIZES)
-    merged.update(sizes or {})
-    unknown = set(merged) - set(DEFAULT_SIZES)
-    if unknown:
-        raise ValueError(f"unknown size keys: {sorted(unknown)}")
-    if any(not isinstance(v, int) or v < 0 for v in merged.values()):
-        raise ValueError(f"sizes must be non-negative integers: {merged}")
-    return merged
-
-
-def _read_marker(marker: Path, seed: int, sizes: dict) -> dict | None:
-    """The stored stats if ``marker`` records a finished build of this exact config."""
-    try:
-        data = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if data.get("version") == VERSION and data.get("seed") == seed and data.get("sizes") == sizes:
-        return data.get("stats")
-    return None
-
-
 def build_itm_demo(root: Path, seed: int = 0, sizes: dict | None = None) -> dict:
     """Write the retrieval demo under ``root`` (see module doc) and return its stats.
 
@@ -633,9 +610,9 @@ def build_itm_demo(root: Path, seed: int = 0, sizes: dict | None = None) -> dict
     seed and sizes; the marker is removed first and written last, so a
     half-finished build is never mistaken for a complete one.
     """
-    root, sizes = Path(root), _resolve_sizes(sizes)
+    root, sizes = Path(root), resolve_sizes(DEFAULT_SIZES, sizes)
     marker = root / "itm" / ".demo_complete"
-    cached = _read_marker(marker, seed, sizes)
+    cached = read_marker(marker, VERSION, seed, sizes)
     if cached is not None:
         return cached
     marker.unlink(missing_ok=True)
@@ -656,17 +633,7 @@ def build_itm_demo(root: Path, seed: int = 0, sizes: dict | None = None) -> dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the synthetic image-text retrieval demo dataset.")
-    parser.add_argument("--root", default="datasets/demo", help="demo root (itm/ goes under it)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true", help="rebuild even if the completion marker matches")
-    args = parser.parse_args(argv)
-    if args.force:
-        (Path(args.root) / "itm" / ".demo_complete").unlink(missing_ok=True)
-    start = time.perf_counter()
-    stats = build_itm_demo(Path(args.root), seed=args.seed)
-    print(json.dumps(stats, indent=2))
-    print(f"elapsed_s: {time.perf_counter() - start:.2f}")
+    cli("Build the synthetic image-text retrieval demo dataset.", "itm", build_itm_demo, argv)
 
 
 if __name__ == "__main__":

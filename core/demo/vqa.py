@@ -17,17 +17,15 @@ Run ``python3 -m core.demo.vqa --root datasets/demo`` to build it.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
-import re
-import time
 from pathlib import Path
 
 import numpy as np
 
 from core.demo import scenes as sc
+from core.demo.build import cli, read_marker, resolve_sizes
 from utils.vqa_eval import MANUAL_MAP, normalize_result_answer, question_accuracy
 
 VERSION = "vqa-demo-1"
@@ -402,25 +400,10 @@ def _first_ids(sizes: dict) -> dict[str, int]:
 
 
 def _resolve_sizes(sizes: dict | None) -> dict:
-    merged = dict(DEFAULT_SIZES)
-    merged.update(sizes or {})
-    unknown = set(merged) - set(DEFAULT_SIZES)
-    if unknown:
-        raise ValueError(f"unknown size keys: {sorted(unknown)}")
+    merged = resolve_sizes(DEFAULT_SIZES, sizes)
     if merged["vg"] > merged["train"]:
         raise ValueError("VG questions reuse train images: sizes['vg'] <= sizes['train']")
     return merged
-
-
-def _read_marker(marker: Path, seed: int, sizes: dict) -> dict | None:
-    """The stored stats if ``marker`` records a finished build of this exact config."""
-    try:
-        data = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if data.get("version") == VERSION and data.get("seed") == seed and data.get("sizes") == sizes:
-        return data.get("stats")
-    return None
 
 
 def _stats(scene_sets, records, vg_records) -> dict:
@@ -450,7 +433,7 @@ def build_vqa_demo(root: Path, seed: int = 0, sizes: dict | None = None) -> dict
     """
     root, sizes = Path(root), _resolve_sizes(sizes)
     marker = root / "vqa" / ".demo_complete"
-    cached = _read_marker(marker, seed, sizes)
+    cached = read_marker(marker, VERSION, seed, sizes)
     if cached is not None:
         return cached
     marker.unlink(missing_ok=True)
@@ -481,17 +464,7 @@ def build_vqa_demo(root: Path, seed: int = 0, sizes: dict | None = None) -> dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the synthetic VQA demo dataset.")
-    parser.add_argument("--root", default="datasets/demo", help="demo root (vqa/ and coco_extract/ go under it)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true", help="rebuild even if the completion marker matches")
-    args = parser.parse_args(argv)
-    if args.force:
-        (Path(args.root) / "vqa" / ".demo_complete").unlink(missing_ok=True)
-    start = time.perf_counter()
-    stats = build_vqa_demo(Path(args.root), seed=args.seed)
-    print(json.dumps(stats, indent=2))
-    print(f"elapsed_s: {time.perf_counter() - start:.2f}")
+    cli("Build the synthetic VQA demo dataset.", "vqa", build_vqa_demo, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,47 @@
+"""What every demo builder shares: sizes, the completion marker, the command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+
+def resolve_sizes(defaults: dict, sizes: dict | None) -> dict:
+    """``defaults`` updated by ``sizes``; unknown keys or negative counts are errors."""
+    merged = {**defaults, **(sizes or {})}
+    unknown = set(merged) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown size keys: {sorted(unknown)}")
+    if any(not isinstance(v, int) or v < 0 for v in merged.values()):
+        raise ValueError(f"sizes must be non-negative integers: {merged}")
+    return merged
+
+
+def read_marker(marker: Path, version: str, seed: int, sizes: dict) -> dict | None:
+    """The stored stats if ``marker`` records a finished build of this exact config."""
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if data.get("version") == version and data.get("seed") == seed and data.get("sizes") == sizes:
+        return data.get("stats")
+    return None
+
+
+def cli(description: str, marker_dir: str, build: Callable[..., dict],
+        argv: list[str] | None = None) -> None:
+    """``python3 -m core.demo.<task> [--root R] [--seed N] [--force]``: build, print stats."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--root", default="datasets/demo", help="demo root")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild even if the completion marker matches")
+    args = parser.parse_args(argv)
+    if args.force:
+        (Path(args.root) / marker_dir / ".demo_complete").unlink(missing_ok=True)
+    start = time.perf_counter()
+    stats = build(Path(args.root), seed=args.seed)
+    print(json.dumps(stats, indent=2))
+    print(f"elapsed_s: {time.perf_counter() - start:.2f}")
