@@ -119,3 +119,19 @@ def test_training_batch_stacks_three_pairs(dataset):
     assert torch.equal(batch["img"][4], torch.from_numpy(img2))   # the negative image
     # the same sample draws the same negatives every time (no global RNG)
     assert torch.equal(task.collate([ds[0]])["txt"], task.collate([ds[0]])["txt"])
+
+
+def test_evaluation_of_a_caption_subset_scores_only_its_images(dataset):
+    """A search's architecture split is a set of captions: rank them against their images."""
+    from torch.utils.data import Subset
+    cfg, ds = dataset
+    net = _net(cfg)
+    task = ITMTask(small_cfg(DATASET="demo", EVAL_BATCH_SIZE=8), print)
+    part = Subset(ds, [0, 1, 2, 3])
+    metrics, scores = task.evaluate(net, part, torch.device("cpu"), "arch split")
+    images = np.unique(ds.caption_image[:4])
+    assert scores.shape == (len(images), 4)
+    full = score_pairs(net, ds, np.repeat(images, 4), np.tile(np.arange(4), len(images)),
+                       torch.device("cpu"), 8).reshape(len(images), 4)
+    assert np.allclose(scores, full)
+    assert task.metric(scores, part) == metrics

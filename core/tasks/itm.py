@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from core.data.features import open_features, pad_regions
@@ -197,16 +197,21 @@ class ITMTask(Task):
 
     # --- evaluation --------------------------------------------------------------------
     def evaluate(self, net, dataset, device, desc: str):
-        ds = root_dataset(dataset)
-        img = np.repeat(np.arange(ds.n_images), len(ds))
-        cap = np.tile(np.arange(len(ds)), ds.n_images)
+        """Score every image of ``dataset`` against every caption of it (a search's
+        architecture split: its captions and their images)."""
+        ds, caps = root_dataset(dataset), _caption_indices(dataset)
+        images, caption_image = np.unique(ds.caption_image[caps], return_inverse=True)
+        img = np.repeat(images, len(caps))
+        cap = np.tile(caps, len(images))
         scores = score_pairs(net, ds, img, cap, device, self.cfg.eval_batch_size(),
-                             desc=f"{desc}: {ds.n_images} x {len(ds)} pairs")
-        scores = scores.reshape(ds.n_images, len(ds))
-        return retrieval_metrics(scores, ds.caption_image), scores
+                             desc=f"{desc}: {len(images)} x {len(caps)} pairs")
+        scores = scores.reshape(len(images), len(caps))
+        return retrieval_metrics(scores, caption_image), scores
 
     def metric(self, predictions, dataset) -> dict:
-        return retrieval_metrics(predictions, root_dataset(dataset).caption_image)
+        ds, caps = root_dataset(dataset), _caption_indices(dataset)
+        return retrieval_metrics(predictions,
+                                 np.unique(ds.caption_image[caps], return_inverse=True)[1])
 
     def write_predictions(self, predictions, folder: Path, split: str) -> Path:
         path = folder / f"scores_{split}.npy"
@@ -214,10 +219,18 @@ class ITMTask(Task):
         return path
 
     def baseline(self, train, evaluated) -> dict:
-        ds = root_dataset(evaluated)
-        own = np.bincount(ds.caption_image, minlength=ds.n_images)
-        return {"chance_r1_i2t": 100.0 * float(np.mean(own)) / len(ds),
-                "chance_r1_t2i": 100.0 / ds.n_images}
+        ds, caps = root_dataset(evaluated), _caption_indices(evaluated)
+        own = np.unique(ds.caption_image[caps], return_counts=True)[1]
+        return {"chance_r1_i2t": 100.0 * float(np.mean(own)) / len(caps),
+                "chance_r1_t2i": 100.0 / len(own)}
+
+
+def _caption_indices(dataset) -> np.ndarray:
+    """Caption indices of an ``ITMDataset`` or of a ``Subset`` view of one."""
+    if isinstance(dataset, Subset):
+        inner = _caption_indices(dataset.dataset)
+        return inner[np.asarray(dataset.indices)]
+    return np.arange(len(dataset))
 
 
 # ---- scoring many pairs ------------------------------------------------------------------
