@@ -90,6 +90,14 @@ class MHAtt(nn.Module):
         return t.view(b, n, self.heads, -1).transpose(1, 2)
 
     def forward(self, q, kv, kv_mask, rel=None):
+        # PyTorch's fused attention wins on GPUs; on CPUs, with an additive mask, it is
+        # measured 2.3x slower than the plain formula (forward + backward, B=32, N=100).
+        if q.is_cuda:
+            return self.fused(q, kv, kv_mask, rel)
+        return self.reference(q, kv, kv_mask, rel)
+
+    def fused(self, q, kv, kv_mask, rel=None):
+        """``reference`` through ``F.scaled_dot_product_attention``."""
         b, n, _ = q.shape
         query, key, value = self._split(self.linear_q(q)), self._split(self.linear_k(kv)), \
             self._split(self.linear_v(kv))

@@ -124,6 +124,6 @@ def test_fused_attention_equals_the_plain_formula(relation):
     mask[1, ..., -2:] = True
     mask[2, ..., 1:] = True                                  # a single visible key
     rel = torch.relu(torch.randn(3, 7, 5, 8))
-    fused = att(x, y, mask, rel if relation else None)
+    fused = att.fused(x, y, mask, rel if relation else None)
     plain = att.reference(x, y, mask, rel if relation else None)
     assert torch.allclose(fused, plain, atol=1e-5)
