@@ -1,11 +1,11 @@
-"""Shared fixtures: a VQA data tree built from the real VQA-v2 sample files in /work/shared."""
+"""Shared fixtures: a VQA data tree built from the real VQA-v2 sample files in tests/data."""
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REAL_VQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "vqa"
+REAL_VQA = Path(__file__).resolve().parent / "data" / "vqa"
 VAL_QUESTIONS = "v2_OpenEnded_mscoco_val2014_questions.json"
 VAL_ANNOTATIONS = "v2_mscoco_val2014_annotations.json"
 TRAIN_ANNOTATIONS_SAMPLE = "v2_mscoco_train2014_annotations.sample.json"

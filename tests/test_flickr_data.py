@@ -1,4 +1,4 @@
-"""Flickr30K f30k_precomp parsing, on the real files in /work/shared (copied before breaking)."""
+"""Flickr30K f30k_precomp parsing, on the real files in tests/data (copied before breaking)."""
 import json
 import shutil
 from pathlib import Path
@@ -9,7 +9,7 @@ import pytest
 from core.data.flickr import (CaptionSplit, feature_key, file_names, read_id_mapping, read_ids,
                               read_split)
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr30k"
+REAL = Path(__file__).resolve().parent / "data" / "flickr30k"
 PRECOMP = REAL / "f30k_precomp"
 MAPPING = REAL / "id_mapping.json"
 

@@ -13,7 +13,7 @@ from core.data.text import CLS, PAD, UNK, build_vocab, encode, tokenize
 from core.tasks.vqa import QUESTIONS, soft_score
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_VQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "vqa"
+REAL_VQA = Path(__file__).resolve().parent / "data" / "vqa"
 SHIPPED_DICT = REPO / "core" / "data" / "vqa_answer_dict.json"
 
 

@@ -1,4 +1,4 @@
-"""Tests for utils/vqa_eval.py on the real VQA-v2 val2014 sample in shared/.
+"""Tests for utils/vqa_eval.py on the real VQA-v2 val2014 sample in tests/data/.
 
 Every expected number below was computed by hand from the annotation file.
 For one question whose 10 gt answers contain the (normalised) prediction c
@@ -25,7 +25,7 @@ from utils.vqa_eval import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-VQA_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "vqa"
+VQA_DATA = Path(__file__).resolve().parent / "data" / "vqa"
 QUESTIONS = VQA_DATA / "v2_OpenEnded_mscoco_val2014_questions.json"
 ANNOTATIONS = VQA_DATA / "v2_mscoco_val2014_annotations.json"
 RAW_RESULTS = VQA_DATA / "third_party_raw_results.json"
