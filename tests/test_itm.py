@@ -87,8 +87,6 @@ def test_miner_returns_the_hardest_candidates():
     for j in range(20):
         assert (neg_imgs[j] != caption_image[j]).all()
     # the top 3 are the best of the 8 drawn: redraw the same candidates and compare
-    rng = np.random.default_rng(0)
-    drawn = rng.integers(20, size=(4, 8))
     from core.tasks.itm import _draw_excluding
     drawn = _draw_excluding(np.random.default_rng(0), 4, 20, 8,
                             lambda r, d: caption_image[d] == r[:, None])

@@ -5,11 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.arch import Arch, load_arch, parse_arch, save_arch
+from core.arch import Arch, load_arch, save_arch
 from core.engine import weight_step
 from core.mixed import Architect, MixedOp, mixed_ops, weight_parameters
 from core.model import convert_supernet_state, current_arch
-from core.tasks.vqa import VQATask
 from netkit import batch, fixed_net, small_cfg, supernet
 
 
