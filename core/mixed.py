@@ -38,10 +38,6 @@ class MixedOp(nn.Module):
         self.involved: list[int] = []
         self._old_alpha: torch.Tensor | None = None
 
-    @property
-    def uses_rel(self) -> bool:
-        return any(getattr(op, "uses_rel", False) for op in self.candidate_ops)
-
     def probs(self) -> torch.Tensor:
         return torch.softmax(self.alpha.detach(), -1)
 
