@@ -62,13 +62,18 @@ class NpzFeatures:
         return read_npz(path, self.feat_size, max_regions)
 
 
+def check_keys(path: Path, npz) -> None:
+    """An opened feature file has every key we read, or the error names the missing ones."""
+    absent = [k for k in ("x", "bbox", "image_h", "image_w") if k not in npz.files]
+    if absent:
+        raise FeatureError(f"{path}: missing key(s) {', '.join(absent)} (a bottom-up "
+                           f"feature file has x, bbox, image_h, image_w, num_bbox)")
+
+
 def read_npz(path: Path, feat_size: int, max_regions: int):
     try:
         with np.load(path) as f:
-            absent = [k for k in ("x", "bbox", "image_h", "image_w") if k not in f.files]
-            if absent:
-                raise FeatureError(f"{path}: missing key(s) {', '.join(absent)} (a bottom-up "
-                                   f"feature file has x, bbox, image_h, image_w, num_bbox)")
+            check_keys(path, f)
             x, boxes = f["x"], f["bbox"]
             size = (float(f["image_h"]), float(f["image_w"]))
     except (OSError, ValueError, EOFError) as e:

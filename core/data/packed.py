@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.data.features import FeatureError, image_id_of, read_npz
+from core.data.features import FeatureError, check_keys, image_id_of, read_npz
 
 FORMAT, VERSION = "mmnas-packed-features", 1
 DTYPES = {"float16": "f16", "float32": "f32"}
@@ -147,10 +147,7 @@ def read_shape(path: Path) -> tuple[int, float, float]:
     """(box count, height, width) from the small members only; ``x`` is checked when packed."""
     try:
         with np.load(path) as f:
-            absent = [k for k in ("x", "bbox", "image_h", "image_w") if k not in f.files]
-            if absent:
-                raise FeatureError(f"{path}: missing key(s) {', '.join(absent)} (a bottom-up "
-                                   f"feature file has x, bbox, image_h, image_w, num_bbox)")
+            check_keys(path, f)
             boxes, h, w = f["bbox"], float(f["image_h"]), float(f["image_w"])
     except FeatureError:
         raise

@@ -25,9 +25,9 @@ from tqdm import tqdm
 from core.data.features import open_features, pad_regions
 from core.data.flickr import feature_key, file_names, read_id_mapping, read_split
 from core.data.text import cached_vocab_and_vectors, encode
-from core.model import AttFlat, Side
-from core.ops import LayerNorm
+from core.model import Side
 from core.tasks.base import Task, root_dataset
+from core.tasks.vqa import VQAHead, VQATask
 from utils import dist
 from utils.io import atomic_write
 from utils.retrieval import retrieval_metrics
@@ -78,30 +78,22 @@ class ITMDataset(Dataset):
         return item
 
 
-class ITMHead(nn.Module):
-    """The VQA fusion (AttFlat over both sides, sum, LayerNorm) with Linear(2H -> 1)."""
+class ITMHead(VQAHead):
+    """The VQA fusion head (AttFlat over both sides, sum, LayerNorm) with one output: the
+    matching logit."""
 
     def __init__(self, cfg):
-        super().__init__()
-        out = 2 * cfg.HSIZE
-        self.attflat_img = AttFlat(cfg.HSIZE, cfg.FLAT_MLP_SIZE, cfg.FLAT_GLIMPSES, out,
-                                   cfg.DROPOUT_R)
-        self.attflat_lang = AttFlat(cfg.HSIZE, cfg.FLAT_MLP_SIZE, cfg.FLAT_GLIMPSES, out,
-                                    cfg.DROPOUT_R)
-        self.proj_norm = LayerNorm(out)
-        self.proj = nn.Linear(out, 1)
+        super().__init__(cfg, 1)
 
     def forward(self, txt, txt_mask, img, img_mask):
-        fused = self.attflat_lang(txt, txt_mask) + self.attflat_img(img, img_mask)
-        return self.proj(self.proj_norm(fused)).squeeze(-1)      # matching logit
+        return super().forward(txt, txt_mask, img, img_mask).squeeze(-1)
 
 
 class ITMTask(Task):
     name = "itm"
     datasets = ("flickr", "demo")
     main_metric = "rsum"
-    original_key_prefixes = tuple((p, f"head.{p}") for p in
-                                  ("attflat_img.", "attflat_lang.", "proj_norm.", "proj."))
+    original_key_prefixes = VQATask.original_key_prefixes      # the same head
 
     @property
     def root(self) -> Path:
