@@ -70,6 +70,9 @@ KEYS: dict[str, Key] = {
     "ANS_MIN_COUNT": Key("int", 9, "VQA: keep answers occurring at least this often (> 8)"),
     "ITM_NEG_CANDIDATES": Key("int", 64, "ITM: random candidates scored per image and per "
                               "caption when mining hard negatives"),
+    "ITM_HARD_NEG_EPOCH": Key("int", 0, "ITM: first (0-based) epoch with mined hard negatives; "
+                              "earlier epochs draw random negatives (0: mine from the start, "
+                              "as the original)"),
     "ITM_NEG_TOPK": Key("int", 5, "ITM: hardest candidates kept; each sample draws one"),
     "ITM_POS_TWICE": Key("bool", True, "ITM: count the positive pair's BCE twice, as the "
                          "original does"),

@@ -94,6 +94,25 @@ def test_miner_returns_the_hardest_candidates():
         assert set(neg_caps[i]) == set(sorted(drawn[i], key=lambda c: -table[i, c])[:3])
 
 
+def test_negatives_are_random_before_the_hard_negative_epoch(dataset):
+    """Before ITM_HARD_NEG_EPOCH nothing is scored: top_k random non-matching negatives."""
+    cfg, ds = dataset
+    task = ITMTask(small_cfg(DATASET="demo", SEED=0, ITM_HARD_NEG_EPOCH=2,
+                                     ITM_NEG_TOPK=2), print)
+
+    class Unusable:                                 # any use of the network fails loudly
+        def __getattr__(self, name):
+            raise AssertionError(f"network used before the hard-negative epoch ({name})")
+
+    task.start_epoch(Unusable(), ds, epoch=1, device=torch.device("cpu"))
+    assert ds.neg_captions.shape == (N_IMG, 2) and ds.neg_images.shape == (len(ds), 2)
+    for i in range(N_IMG):
+        assert (ds.caption_image[ds.neg_captions[i]] != i).all()
+    assert (ds.neg_images != ds.caption_image[:, None]).all()
+    task.start_epoch(_net(cfg), ds, epoch=2, device=torch.device("cpu"))   # now mined
+    assert ds.epoch == 2 and ds.neg_captions.shape == (N_IMG, 2)
+
+
 def test_loss_counts_the_positive_twice_by_default():
     out = torch.tensor([0.5, -1.0, 2.0])
     batch = {"target": torch.tensor([1.0, 0.0, 0.0]), "weight": torch.tensor([2.0, 1.0, 1.0])}

@@ -178,13 +178,18 @@ class ITMTask(Task):
     # --- hard negatives ----------------------------------------------------------------
     def start_epoch(self, net, dataset, epoch: int, device) -> None:
         ds = root_dataset(dataset)
-        def score(pair_img, pair_cap):
-            return score_pairs(net, ds, pair_img, pair_cap, device, self.cfg.eval_batch_size(),
-                               desc=f"mining negatives (epoch {epoch + 1})")
+        candidates, score = self.cfg.ITM_NEG_TOPK, None
+        if epoch >= self.cfg.ITM_HARD_NEG_EPOCH:
+            candidates = self.cfg.ITM_NEG_CANDIDATES
+
+            def score(pair_img, pair_cap):
+                return score_pairs(net, ds, pair_img, pair_cap, device,
+                                   self.cfg.eval_batch_size(),
+                                   desc=f"mining negatives (epoch {epoch + 1})")
 
         neg_captions, neg_images = mine_negatives(
-            score, ds.caption_image, ds.n_images, self.cfg.ITM_NEG_CANDIDATES,
-            self.cfg.ITM_NEG_TOPK, [self.cfg.SEED, epoch])
+            score, ds.caption_image, ds.n_images, candidates, self.cfg.ITM_NEG_TOPK,
+            [self.cfg.SEED, epoch])
         ds.set_negatives(neg_captions, neg_images, epoch)
 
     # --- evaluation --------------------------------------------------------------------
@@ -306,7 +311,9 @@ def mine_negatives(score, caption_image: np.ndarray, n_img: int, candidates: int
     """Top-k of ``candidates`` random captions per image and random images per caption.
 
     ``score(pair_img, pair_cap)`` returns the matching scores of index pairs; both
-    directions are scored in one call, so each image's regions are read once.
+    directions are scored in one call, so each image's regions are read once. With
+    ``score=None`` nothing is scored: the first ``top_k`` random candidates are kept
+    (random negatives).
     Returns ([n_img, top_k] caption indices, [n_captions, top_k] image indices).
     """
     rng = np.random.default_rng(seed)
@@ -315,6 +322,8 @@ def mine_negatives(score, caption_image: np.ndarray, n_img: int, candidates: int
                                 lambda rows, draws: caption_image[draws] == rows[:, None])
     cand_imgs = _draw_excluding(rng, n_cap, n_img, candidates,
                                 lambda rows, draws: draws == caption_image[rows][:, None])
+    if score is None:
+        return cand_caps[:, :top_k], cand_imgs[:, :top_k]
     pair_img = np.concatenate([np.repeat(np.arange(n_img), candidates), cand_imgs.ravel()])
     pair_cap = np.concatenate([cand_caps.ravel(), np.repeat(np.arange(n_cap), candidates)])
     scores = score(pair_img, pair_cap)
