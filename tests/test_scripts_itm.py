@@ -13,7 +13,7 @@ from core.train import run_train
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--DATASET=demo", "--SUBSET=12", "--BS=16", "--NW=0", "--SEED=3",
-         "--ITM_NEG_CANDIDATES=8"]
+         "--ITM_NEG_CANDIDATES=8", "--ITM_HARD_NEG_EPOCH=0"]   # mine from the first epoch
 
 
 @pytest.fixture(scope="module")
