@@ -108,6 +108,8 @@ KEYS: dict[str, Key] = {
                      "alpha prior, repeated over the decoder blocks"),
     "ARCH_SPLIT_RATIO": Key("float", 0.8, "search: first part of the train split for weights, "
                             "the rest (fixed order) for the architecture"),
+    "ARCH_EVAL_SAMPLES": Key("int", 0, "search: score the arg-max network on the first N samples "
+                             "of the architecture split after each epoch (0: all of it)"),
     "ARCH_MODE": Key("str", "full", "architecture gradient: 'full' (all candidates) | 'two'"),
     "ARCH_LR": Key("float", 0.1, "architecture (alpha) learning rate"),
     "ARCH_BETAS": Key("list[float]", [0.0, 0.999], "architecture Adam betas"),

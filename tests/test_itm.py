@@ -152,3 +152,11 @@ def test_evaluation_of_a_caption_subset_scores_only_its_images(dataset):
                        torch.device("cpu"), 8).reshape(len(images), 4)
     assert np.allclose(scores, full)
     assert task.metric(scores, part) == metrics
+    # a search's capped architecture evaluation (ARCH_EVAL_SAMPLES): a view of the view
+    from core.search import arch_eval_set
+    head = arch_eval_set(part, 2)
+    _, head_scores = task.evaluate(net, head, torch.device("cpu"), "capped")
+    head_images = np.unique(ds.caption_image[:2])
+    assert head_scores.shape == (len(head_images), 2)
+    assert np.allclose(head_scores, scores[np.searchsorted(images, head_images)][:, :2])
+    assert arch_eval_set(part, 0) is part and arch_eval_set(part, 10) is part
