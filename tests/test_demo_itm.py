@@ -8,6 +8,7 @@ import pytest
 
 from core.demo import itm
 from core.demo import scenes as sc
+from demokit import assert_same_files
 
 TINY = {"train": 10, "dev": 6, "test": 5}
 SEED = 3
@@ -210,14 +211,7 @@ def test_same_seed_gives_identical_files(tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     small = {"train": 4, "dev": 2, "test": 2}
     assert itm.build_itm_demo(a, seed=7, sizes=small) == itm.build_itm_demo(b, seed=7, sizes=small)
-    names = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    assert names == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    for rel in names:
-        if rel.suffix == ".npz":
-            with np.load(a / rel) as fa, np.load(b / rel) as fb:
-                assert all(np.array_equal(fa[k], fb[k]) for k in fa.files)
-        else:
-            assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    assert_same_files(a, b)
     itm.build_itm_demo(c, seed=8, sizes=small)
     name = "itm/f30k_precomp/train_caps.txt"
     assert (c / name).read_bytes() != (a / name).read_bytes()

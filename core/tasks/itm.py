@@ -178,18 +178,16 @@ class ITMTask(Task):
     # --- hard negatives ----------------------------------------------------------------
     def start_epoch(self, net, dataset, epoch: int, device) -> None:
         ds = root_dataset(dataset)
-        candidates, score = self.cfg.ITM_NEG_TOPK, None
-        if epoch >= self.cfg.ITM_HARD_NEG_EPOCH:
-            candidates = self.cfg.ITM_NEG_CANDIDATES
+        hard = epoch >= self.cfg.ITM_HARD_NEG_EPOCH     # before it: random negatives
 
-            def score(pair_img, pair_cap):
-                return score_pairs(net, ds, pair_img, pair_cap, device,
-                                   self.cfg.eval_batch_size(),
-                                   desc=f"mining negatives (epoch {epoch + 1})")
+        def score(pair_img, pair_cap):
+            return score_pairs(net, ds, pair_img, pair_cap, device, self.cfg.eval_batch_size(),
+                               desc=f"mining negatives (epoch {epoch + 1})")
 
         neg_captions, neg_images = mine_negatives(
-            score, ds.caption_image, ds.n_images, candidates, self.cfg.ITM_NEG_TOPK,
-            [self.cfg.SEED, epoch])
+            score if hard else None, ds.caption_image, ds.n_images,
+            self.cfg.ITM_NEG_CANDIDATES if hard else self.cfg.ITM_NEG_TOPK,
+            self.cfg.ITM_NEG_TOPK, [self.cfg.SEED, epoch])
         ds.set_negatives(neg_captions, neg_images, epoch)
 
     # --- evaluation --------------------------------------------------------------------
