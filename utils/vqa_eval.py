@@ -2,15 +2,28 @@
 
 Reference: GT-Vision-Lab/VQA, ``PythonEvaluationTools/vqaEvaluation/vqaEval.py``
 (class ``VQAEval``) together with ``PythonHelperTools/vqaTools/vqa.py``
-(``VQA.loadRes``).  The tables and the two normalisation functions below are
-copied from that file, quirks included, because a number that is meant to be
-compared with published results must be computed exactly the same way.
+(``VQA.loadRes``).  The tables below hold the official entries and the
+functions reproduce the official behaviour, quirks included, because a number
+that is meant to be compared with published results must be computed exactly
+the same way.
 
-The one behavioural difference from the copy shipped with MCAN / MMNas is the
-2021 fix in the official repository: the predicted answer is now *always*
-passed through ``processPunctuation`` + ``processDigitArticle``.  The old copy
-only did so when the ten ground-truth answers disagreed, so a raw ``"yes."``
-scored 0 on a question where all ten annotators said ``"yes"``.
+What the current code (after commit a013f00, "Fixed processing answers bug",
+March 2021) does to one question, and what this module reproduces:
+
+1. every answer, predicted and ground truth, has '\\n' and '\\t' replaced by
+   a space and surrounding whitespace stripped;
+2. only if these ten gt answers are not all the same string are the gt
+   answers *and* the prediction passed through ``processPunctuation`` and
+   ``processDigitArticle``; when the annotators agree, the stripped
+   prediction must equal their answer exactly (``"no!"`` or ``"No"`` against
+   ten ``"no"`` scores 0);
+3. accuracy = mean over the ten leave-one-out subsets of
+   min(1, #matches among the other nine / 3).
+
+The copy shipped with MCAN / MMNas predates that commit: it normalised the
+prediction always and the gt answers (punctuation only) on disagreement.
+The official code is Python 2, so percentages are rounded half away from
+zero (``round`` of Python 2), not half to even.
 
 Usage::
 
@@ -23,6 +36,7 @@ import json
 import re
 import sys
 from collections.abc import Mapping
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 # --------------------------------------------------------------------------
@@ -147,10 +161,13 @@ def _clean_whitespace(ans: str) -> str:
 
 
 def normalize_result_answer(ans: str) -> str:
-    """What the current official code does to a predicted answer.
+    """The full official answer processing: whitespace, punctuation, digits,
+    articles, contractions ("The two dogs.\\n" -> "2 dogs").
 
-    Since the 2021 fix, punctuation/digit/article processing is applied
-    unconditionally (previously only on questions whose gt answers differ).
+    The official evaluation applies the last two steps to the prediction
+    (and the gt answers) only on questions whose gt answers disagree; see
+    ``question_accuracy``.  Alone, this function says whether two answers
+    mean the same (the demo generator uses it so).
     """
     return process_digit_article(process_punctuation(_clean_whitespace(ans)))
 
@@ -172,19 +189,23 @@ def prep_ans(ans: str) -> str:
 def question_accuracy(pred: str, gt_answers: list) -> float:
     """Accuracy of one predicted answer against the (usually 10) gt answers.
 
-    Mirrors the per-question body of ``VQAEval.evaluate``: the mean over
-    every gt answer g of min(1, #(other gt answers == pred) / 3).  The
-    official ``otherGTAns`` compares whole answer dicts (which differ by
-    answer_id), so "other" means all gt answers but that one position.
+    Mirrors the per-question body of the current ``VQAEval.evaluate``:
+    whitespace is cleaned on every answer; punctuation/digit/article
+    processing is applied to the gt answers and the prediction only when the
+    cleaned gt answers are not all equal.  Then the mean over every gt answer
+    g of min(1, #(other gt answers == pred) / 3).  The official
+    ``otherGTAns`` compares whole answer dicts, which differ by answer_id, so
+    "other" means all gt answers but the one at that position.
     """
     if not gt_answers:
         raise ValueError("question_accuracy: gt_answers is empty")
     gts = [_clean_whitespace(g) for g in gt_answers]
-    res = normalize_result_answer(pred)
-    # Unchanged in the official code: gt answers are only normalised when
-    # the annotators disagree.
+    res = _clean_whitespace(pred)
+    # When the annotators agree the official code compares the raw (only
+    # stripped) strings: "no!" or "No" against ten "no" scores 0.
     if len(set(gts)) > 1:
         gts = [process_digit_article(process_punctuation(g)) for g in gts]
+        res = process_digit_article(process_punctuation(res))
     gt_acc = []
     for i in range(len(gts)):
         matching = sum(1 for j, g in enumerate(gts) if j != i and g == res)
@@ -192,9 +213,20 @@ def question_accuracy(pred: str, gt_answers: list) -> float:
     return float(sum(gt_acc)) / len(gt_acc)
 
 
+def round_half_away(x: float, ndigits: int = 2) -> float:
+    """Python 2's ``round``, which the official (Python 2) code relies on.
+
+    It rounds the exact binary value half away from zero (0.125 -> 0.13,
+    2.675 -> 2.67 since 2.675 is stored as 2.67499...); Python 3's ``round``
+    rounds half to even (0.125 -> 0.12).
+    """
+    step = Decimal(1).scaleb(-ndigits)
+    return float(Decimal(x).quantize(step, rounding=ROUND_HALF_UP))
+
+
 def _percent(accs: list) -> float:
     """Official ``setAccuracy`` formula with precision n=2."""
-    return round(100 * float(sum(accs)) / len(accs), 2)
+    return round_half_away(100 * float(sum(accs)) / len(accs), 2)
 
 
 def _examples(ids, k=5) -> str:
