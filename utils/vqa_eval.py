@@ -272,6 +272,8 @@ def _parse_results(data, source: str) -> dict:
         if not isinstance(ans, str):
             raise ValueError(f"{source}: 'answer' of question {qid} must be a "
                              f"string, got {type(ans).__name__}")
+        # The official loadRes silently keeps the last of duplicates; a
+        # duplicate is almost always a bug in the result writer, so say so.
         if qid in results:
             raise ValueError(f"{source}: duplicate question_id {qid} in "
                              "results (each question must be answered once)")
