@@ -8,7 +8,7 @@ from core.config import KEYS, ConfigError, parse_flag_value
 # The original's flag names -> config keys.
 ALIASES = {"RUN": "RUN_MODE", "BS": "BATCH_SIZE", "NW": "NUM_WORKERS", "SPLIT": "TRAIN_SPLIT",
            "GENO_EPOCH": "ARCH_EPOCH"}
-RUN_MODES = ("train", "val", "test")
+RUN_MODES = KEYS["RUN_MODE"].choices
 
 
 def usage(script: str, datasets: tuple[str, ...]) -> str:

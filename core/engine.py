@@ -35,6 +35,14 @@ class Run:
             folder.mkdir(parents=True, exist_ok=True)
         self.log_file = folder / "log.txt"
 
+    def save_config(self, cfg) -> None:
+        """Write the resolved ``config.yaml``: at the start of a new run, and for a resume
+        only once its checkpoint has loaded, so that a refused or failed resume leaves the
+        saved config as it was."""
+        if self.main:
+            from utils.io import atomic_write_text
+            atomic_write_text(self.folder / "config.yaml", cfg.dump())
+
     def log(self, message: str) -> None:
         """Rank 0 prints and appends to log.txt; other ranks stay silent."""
         if not self.main:
@@ -128,21 +136,20 @@ def start(task_cls, kind: str, argv: list[str] | None = None):
         if cfg.DATASET not in task_cls.datasets:
             raise config_mod.ConfigError(f"DATASET={cfg.DATASET!r}; expected one of "
                                          f"{', '.join(task_cls.datasets)}")
+        mode = kind if cfg.RUN_MODE == "train" else cfg.RUN_MODE
+        if cfg.RESUME:
+            cfg = _resumed_config(cfg, kind, mode, overrides)
         if cfg.SEED is None:
             cfg.SEED = int.from_bytes(os.urandom(3), "little")
         if dist.active():       # every rank must agree on the drawn seed and run name
             cfg.SEED, cfg.VERSION = dist.broadcast((cfg.SEED, cfg.VERSION or _default_version(cfg)))
-        mode = kind if cfg.RUN_MODE == "train" else cfg.RUN_MODE
         run = Run(_run_folder(cfg, mode), cfg.RESUME)
     except (config_mod.ConfigError, CheckpointError) as e:
         fail(str(e))
-    if cfg.RESUME and (run.folder / "config.yaml").exists():
-        cfg = _resumed_config(run.folder / "config.yaml", task_cls.name, kind, overrides)
     cfg.freeze()
     seed_everything(cfg.SEED)       # the same on every rank: identical initial weights and paths
-    from utils.io import atomic_write_text
-    if dist.is_main():
-        atomic_write_text(run.folder / "config.yaml", cfg.dump())
+    if not cfg.RESUME:
+        run.save_config(cfg)        # a resume saves it once its checkpoint has loaded
     run.log(f"== {script} {' '.join(argv)}\n== run folder: {run.folder}\n== config:\n"
             + cfg.dump().rstrip())
     return cfg, run, task_cls(cfg, run.log)
@@ -165,13 +172,30 @@ def _default_version(cfg, base: Path | None = None) -> str:
     return name
 
 
-def _resumed_config(path: Path, task: str, kind: str, overrides: dict):
-    """The resumed run's own config, with this command line's overrides on top."""
-    import yaml
-    saved = yaml.safe_load(path.read_text())
-    values = {k: v for k, v in saved.items() if k in config_mod.KEYS}
-    values.update(overrides)
-    return config_mod.resolve(task, kind, values)
+def _resumed_config(cfg, kind: str, mode: str, overrides: dict):
+    """The saved config of the run ``--RESUME`` continues, with the command line's changes
+    where a key allows one (``Key.defines_run`` False); any other change is refused."""
+    base = Path(cfg.LOG_ROOT) / cfg.TASK / mode
+    if not cfg.VERSION:
+        raise config_mod.ConfigError(f"--RESUME needs the --VERSION of the run to continue "
+                                     f"(a folder in {base})")
+    folder = base / cfg.VERSION
+    saved_file = folder / "config.yaml"
+    if not folder.is_dir():
+        raise config_mod.ConfigError(f"--RESUME: run folder {folder} does not exist; expected "
+                                     f"the --VERSION (and --LOG_ROOT) of an earlier run")
+    if not saved_file.is_file():
+        raise config_mod.ConfigError(f"--RESUME: {saved_file} does not exist, so {folder} holds "
+                                     f"no run to continue; start it afresh under another "
+                                     f"--VERSION")
+    saved = config_mod.read_saved(saved_file)
+    changed = config_mod.resume_changes(saved, overrides)
+    if changed:
+        allowed = ", ".join(n for n, k in config_mod.KEYS.items() if not k.defines_run)
+        raise config_mod.ConfigError(
+            f"--RESUME of {folder} would change the run: {'; '.join(changed)}; drop the "
+            f"flag(s) or start a new --VERSION (a resume may change only {allowed})")
+    return config_mod.resolve(cfg.TASK, kind, {**saved, **overrides})
 
 
 def seed_everything(seed: int) -> None:

@@ -42,6 +42,10 @@ def run_search(cfg, task, run) -> dict:
     weight_set, arch_set = split_for_search(task.dataset(cfg.TRAIN_SPLIT), cfg.ARCH_SPLIT_RATIO)
     run.log(f"search: {len(weight_set)} samples for weights, {len(arch_set)} for the "
             f"architecture; mode {cfg.ARCH_MODE}")
+    if cfg.ARCH_START_EPOCH >= cfg.MAX_EPOCH:    # a warm-up stage, to be extended by --RESUME?
+        run.log(f"warning: ARCH_START_EPOCH = {cfg.ARCH_START_EPOCH} with MAX_EPOCH = "
+                f"{cfg.MAX_EPOCH}: these epochs take no architecture step; arch.json will "
+                f"hold the prior architecture")
     net = build_net(cfg, task, search_backbone(cfg)).to(device)
     params = weight_parameters(net)
     optim = torch.optim.Adam(params, lr=cfg.LR_BASE, betas=tuple(cfg.OPT_BETAS), eps=cfg.OPT_EPS)
@@ -56,6 +60,7 @@ def run_search(cfg, task, run) -> dict:
     start_epoch, step = 0, 0
     if cfg.RESUME:
         start_epoch, step = _resume(run, net, optim, architect, path_gen, task)
+        run.save_config(cfg)            # the resumed run's config, now that it has loaded
     arch_file = run.folder / "arch.json"
     metrics = {}
     for epoch in range(start_epoch, cfg.MAX_EPOCH):

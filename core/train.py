@@ -79,6 +79,7 @@ def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
             set_rng_state(resume_ckpt["rng"])
         start_epoch, step = resume_ckpt["epoch"], resume_ckpt.get("step", 0)
         run.log(f"resuming after epoch {start_epoch}")
+        run.save_config(cfg)            # the resumed run's config, now that it has loaded
     train_set = task.dataset(cfg.TRAIN_SPLIT)
     eval_sets = {}
     if cfg.EVAL_EVERY_EPOCH:

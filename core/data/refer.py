@@ -136,7 +136,19 @@ def convert(dataset: str, raw_dir: Path) -> dict[str, list[dict]]:
                              f"refs file of another dataset?)")
         out[ref["split"]].extend(_entries(refs_path, Path(raw_dir) / "instances.json",
                                           ref, images, anns, cats))
+    _check_no_empty_split(refs_path, dataset, out)
     return out
+
+
+def _check_no_empty_split(refs_path: Path, dataset: str, splits: dict[str, list]) -> None:
+    """Every split of the scheme must have a ref: an empty ``val.json`` would only fail (or
+    silently evaluate nothing) when a run reads it."""
+    empty = [s for s, entries in splits.items() if not entries]
+    if empty:
+        counts = ", ".join(f"{s} {len({e['ref_id'] for e in es})}" for s, es in splits.items())
+        raise ReferError(f"{refs_path}: no ref in split {', '.join(map(repr, empty))}; expected "
+                         f"refs in every split of {dataset} (refs per split: {counts}; a "
+                         f"truncated or filtered refs file?)")
 
 
 def _entries(refs_path: Path, inst_path: Path, ref: dict, images: dict, anns: dict,
