@@ -45,7 +45,8 @@ KEYS: dict[str, Key] = {
     "DATA_ROOT": Key("str", "datasets", "root of the data tree (see datasets/README.md)"),
     "LOG_ROOT": Key("str", "logs", "root of the run folders"),
     "RESUME": Key("bool", False, "continue the run named by --VERSION (or --CKPT_PATH) exactly"),
-    "CKPT_PATH": Key("str", "", "checkpoint to load: ours or the original's released format"),
+    "CKPT_PATH": Key("str", "", "checkpoint to load: ours or the original's released format; "
+                      "in a search, a supernet to warm-start from (weights and alphas)"),
     "ARCH_PATH": Key("str", "", "architecture JSON for training (see arch/)"),
     "ARCH_EPOCH": Key("int", 0, "which 'epochN' key of ARCH_PATH to train (alias --GENO_EPOCH)"),
     "TRAIN_SPLIT": Key("str", "train", "training splits joined by '+', e.g. train+val+vg "
