@@ -181,7 +181,7 @@ def _architecture_difference(state: dict, own: dict) -> tuple[str, set]:
         return "", set()
     cases = [f"{side} block {i} is {_kind(theirs.get((side, i)))} in the checkpoint but "
              f"{_kind(ours.get((side, i)))} in the network" for side, i in differ[:3]]
-    more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+    more = f"; {len(differ) - 3} more block(s) differ" if len(differ) > 3 else ""
     explained = {f"backbone.{side}_list.{i}.{rest}" for side, i in differ
                  for rest in theirs.get((side, i), set()) | ours.get((side, i), set())}
     searches = {any(r.startswith("candidate_ops.") for rests in blocks.values() for r in rests)
