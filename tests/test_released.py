@@ -402,3 +402,18 @@ def test_search_space_other_than_the_original_is_named(tmp_path):
         f"{path}: an original search checkpoint has the dec candidates ['self_att_64', "
         f"'rel_self_att_64', 'guided_att_64', 'feed_forward'], this supernet ['self_att_64', "
         f"'guided_att_64', 'feed_forward']; set DEC_CANDIDATES to the original's to load it")
+
+
+def test_search_checkpoint_given_to_training_says_so():
+    task = make_task("vgd", HSIZE=64, FLAT_MLP_SIZE=64, REL_SIZE=16)
+    state = random_state(supernet_layout("vgd", task.cfg, 1), 0)
+    net = build_net(task.cfg, task, fixed_backbone(task.cfg, paper_arch("vgd")))
+    with pytest.raises(CheckpointError) as e:
+        load_weights(net, state, "search.pkl", task.original_key_prefixes)
+    assert str(e.value).startswith(
+        "search.pkl: does not fit this network: it holds another architecture (enc block 0 is "
+        "a search block of 2 candidates in the checkpoint but 'self_att' or 'guided_att' in "
+        "the network;")
+    assert str(e.value).endswith("27 more block(s) differ; a search checkpoint loads into a "
+                                 "search (--CKPT_PATH of search_<task>.py), a trained one into "
+                                 "training)")

@@ -186,9 +186,13 @@ def _architecture_difference(state: dict, own: dict) -> tuple[str, set]:
                  for rest in theirs.get((side, i), set()) | ours.get((side, i), set())}
     searches = {any(r.startswith("candidate_ops.") for rests in blocks.values() for r in rests)
                 for blocks in (theirs, ours)}
-    hint = ("a search checkpoint loads into a search (--CKPT_PATH of search_<task>.py), a "
-            "trained one into training" if len(searches) == 2 else
-            "pass the --ARCH_PATH and --ARCH_EPOCH it was trained with")
+    if len(searches) == 2:
+        hint = ("a search checkpoint loads into a search (--CKPT_PATH of search_<task>.py), a "
+                "trained one into training")
+    elif searches == {True}:
+        hint = "search with the candidates and block counts it was searched with"
+    else:
+        hint = "pass the --ARCH_PATH and --ARCH_EPOCH it was trained with"
     return f"it holds another architecture ({'; '.join(cases)}{more}; {hint})", explained
 
 
@@ -206,8 +210,9 @@ def _kind(rests: set[str] | None) -> str:
     rests = rests or set()
     if not rests:
         return "absent (or 'skip_connect')"
-    if any(r.startswith("candidate_ops.") for r in rests):
-        return "a search block (candidate_ops)"
+    candidates = {r.split(".")[1] for r in rests if r.startswith("candidate_ops.")}
+    if candidates:
+        return f"a search block of {len(candidates)} candidates"
     if "mhatt.linear_r.weight" in rests:
         return "'rel_self_att'"
     if "mhatt.linear_q.weight" in rests:
@@ -217,6 +222,7 @@ def _kind(rests: set[str] | None) -> str:
     if rests == {"norm.a_2", "norm.b_2"}:
         return "'none'"
     return "a block of " + ", ".join(sorted({r.split(".")[0] for r in rests}))
+
 
 # ---- RNG state, in a form weights_only loading accepts ------------------------------------
 
