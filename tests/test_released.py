@@ -417,3 +417,31 @@ def test_search_checkpoint_given_to_training_says_so():
     assert str(e.value).endswith("27 more block(s) differ; a search checkpoint loads into a "
                                  "search (--CKPT_PATH of search_<task>.py), a trained one into "
                                  "training)")
+
+
+def _show(tmp: Path) -> None:
+    """``python3 tests/test_released.py``: a released-layout file of each task, loaded."""
+    for name in TASKS:
+        task, arch = make_task(name), paper_arch(name)
+        state = random_state(read_layout(name), seed=1)
+        path = tmp / f"{name}_epoch13.pkl"
+        torch.save({"state_dict": state, "net_optim": {}, "epoch": 13}, path)
+        net = build_net(task.cfg, task, fixed_backbone(task.cfg, arch)).eval()
+        load_weights(net, load_checkpoint(path)["state_dict"], str(path),
+                     task.original_key_prefixes)
+        batch = sample_batch()
+        with torch.no_grad():
+            ours = net(batch)
+            theirs = original_forward(name, state, {"enc": arch.enc, "dec": arch.dec},
+                                      released_block, batch, 512)
+        ours = torch.sigmoid(ours) if name == "itm" else ours
+        diff = max((a - b).abs().max().item() for a, b in
+                   zip(ours if name == "vgd" else [ours], theirs if name == "vgd" else [theirs]))
+        print(f"{name}: {len(state)} released tensors loaded into {len(net.state_dict())} "
+              f"network tensors; largest output difference to the original's forward {diff:.1e}")
+
+
+if __name__ == "__main__":
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        _show(Path(folder))
