@@ -75,12 +75,12 @@ def paper_arch(task: str):
     return load_arch(REPO / "arch" / f"mmnas_{task}.json", 0, 12, 18)
 
 
-def sample_batch(hsize_feat: int = 2048, seed: int = 0) -> dict:
+def sample_batch(seed: int = 0) -> dict:
     """Two samples: 6 tokens (the second with 2 padded), 8 regions (the second with 1)."""
     g = torch.Generator().manual_seed(seed)
     txt = torch.randint(3, V, (2, 6), generator=g)
     txt[1, -2:] = 0
-    img = torch.rand(2, 8, hsize_feat, generator=g) + 0.01
+    img = torch.rand(2, 8, 2048, generator=g) + 0.01
     img[1, -1] = 0
     xy = torch.rand(2, 8, 2, generator=g) * 300
     boxes = torch.cat([xy, xy + 20 + torch.rand(2, 8, 2, generator=g) * 150], -1)
@@ -191,9 +191,11 @@ def test_every_released_tensor_is_a_network_tensor(released):
     ours = net.state_dict()
     assert len(ours) == len(state) == 213
     # each released tensor (random, so its sum is a fingerprint) is in the network once
-    def fingerprints(tensors):
-        return sorted((tuple(t.shape), t.sum().item()) for t in tensors)
     assert fingerprints(ours.values()) == fingerprints(state.values())
+
+
+def fingerprints(tensors) -> list:
+    return sorted((tuple(t.shape), t.sum().item()) for t in tensors)
 
 
 def test_released_network_computes_what_the_original_computes(released):
