@@ -116,8 +116,9 @@ KEYS: dict[str, Key] = {
                   "checkpoint (or --CKPT_PATH); "
                   "only MAX_EPOCH, NUM_WORKERS, GPU, DATA_ROOT, LOG_ROOT, VERSION, CKPT_PATH and "
                   "TEST_SPLIT may differ from the saved config", defines_run=False),
-    "CKPT_PATH": Key("str", "", "checkpoint to load: ours or the original's released format "
-                     "(training only; with --RESUME the checkpoint to continue from)",
+    "CKPT_PATH": Key("str", "", "checkpoint to load: ours or the original's released format; "
+                     "in a search, a supernet to warm-start from (weights and alphas); "
+                     "with --RESUME the checkpoint to continue from",
                      defines_run=False),
     "ARCH_PATH": Key("str", "", "architecture JSON for training (see arch/)"),
     "ARCH_EPOCH": Key("int", 0, "which 'epochN' key of ARCH_PATH to train (alias --GENO_EPOCH)",
@@ -367,11 +368,10 @@ def _check_search(values: dict[str, Any], script: str) -> None:
                           f"(expected 'train'); evaluate a trained checkpoint with "
                           f"{script.replace('search_', 'train_')} --RUN={values['RUN_MODE']} "
                           f"--CKPT_PATH=...")
-    for name in ("CKPT_PATH", "ARCH_PATH"):
-        if values[name]:
-            raise ConfigError(f"{name} = {values[name]!r}: {script} does not read it (expected "
-                              f"empty); a search continues its own folder with --RESUME, "
-                              f"and searches ENC_CANDIDATES / DEC_CANDIDATES")
+    if values["ARCH_PATH"]:
+        raise ConfigError(f"ARCH_PATH = {values['ARCH_PATH']!r}: {script} does not read it "
+                          f"(expected empty); a search searches ENC_CANDIDATES / "
+                          f"DEC_CANDIDATES (warm-start it from a supernet with --CKPT_PATH)")
     for side in ("ENC", "DEC"):
         candidates, prior = values[f"{side}_CANDIDATES"], values[f"{side}_PRIOR"]
         if not candidates:

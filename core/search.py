@@ -61,6 +61,8 @@ def run_search(cfg, task, run) -> dict:
     if cfg.RESUME:
         start_epoch, step = _resume(run, net, optim, architect, path_gen, task)
         run.save_config(cfg)            # the resumed run's config, now that it has loaded
+    elif cfg.CKPT_PATH:
+        warm_start(net, cfg.CKPT_PATH, task, run.log)
     arch_file = run.folder / "arch.json"
     metrics = {}
     for epoch in range(start_epoch, cfg.MAX_EPOCH):
@@ -142,6 +144,14 @@ def block_weights(net) -> str:
             best = m.names[int(m.alpha.argmax())]
             lines.append(f"  {side} {i:02d}: {cells}  -> {ABBREV.get(best, best)}")
     return "\n".join(lines)
+
+
+def warm_start(net, path, task, log) -> None:
+    """--CKPT_PATH without --RESUME: a supernet's weights and alphas (ours, or the original's
+    search checkpoint of hygr_*.py), then a new search from epoch 0 with fresh optimisers."""
+    ckpt = load_checkpoint(path)
+    load_weights(net, ckpt["state_dict"], str(path), task.original_key_prefixes)
+    log(f"warm start: supernet weights and architecture logits loaded from {path}")
 
 
 def _resume(run, net, optim, architect, path_gen, task) -> tuple[int, int]:

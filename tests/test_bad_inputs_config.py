@@ -79,8 +79,8 @@ BAD_STARTS = [
      ["TRAIN_SPLIT = 'train++val' is not split names joined by '+'"]),
     ("train_vqa", ["--SEED=-1"], ["SEED = -1 is not an int >= 0 and <= 4294967295"]),
     ("train_vqa", ["--TASK=vgd"], ["TASK = 'vgd', but train_vqa.py runs 'vqa'"]),
-    ("search_vgd", ["--CKPT_PATH=epoch3.pkl"],
-     ["CKPT_PATH = 'epoch3.pkl': search_vgd.py does not read it", "expected empty"]),
+    ("search_vgd", ["--ARCH_PATH=arch/mcan.json"],
+     ["ARCH_PATH = 'arch/mcan.json': search_vgd.py does not read it", "expected empty"]),
 ]
 
 

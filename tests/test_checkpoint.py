@@ -5,20 +5,10 @@ import torch
 from core.arch import load_arch
 from core.tasks.vqa import VQATask
 from netkit import batch, fixed_net, small_cfg
+from releasedkit import released_names
 from utils.checkpoint import (CheckpointError, load_checkpoint, load_weights, map_original_keys,
                               save_checkpoint)
 from utils.io import atomic_write
-
-
-def released_names(state: dict) -> dict:
-    """Our key names -> the original's (DDP 'module.', misspelt 'backnone.', heads on top)."""
-    out = {}
-    for key, value in state.items():
-        key = key.replace("backbone.", "backnone.", 1)
-        if key.startswith("head."):
-            key = key[len("head."):]
-        out["module." + key] = value
-    return out
 
 
 def small_arch():
@@ -33,8 +23,8 @@ def test_released_checkpoint_loads_unchanged(tmp_path):
     trained = fixed_net(cfg, arch, seed=1).eval()
     released = {"state_dict": released_names(trained.state_dict()), "net_optim": {},
                 "epoch": 13}
-    assert "module.backnone.enc_list.0.mhatt.linear_q.weight" in released["state_dict"]
-    assert "module.attflat_img.linear_merge.weight" in released["state_dict"]
+    assert "module.backnone.cells_enc.0.dag.0.0.mhatt.linear_q.weight" in released["state_dict"]
+    assert "module.attflat_y.linear_merge.weight" in released["state_dict"]
     path = tmp_path / "epoch13.pkl"
     torch.save(released, path)                    # as the original wrote it
     fresh = fixed_net(cfg, arch, seed=2).eval()
@@ -45,11 +35,17 @@ def test_released_checkpoint_loads_unchanged(tmp_path):
 
 
 def test_key_mapping_is_documented_by_example():
-    mapped = map_original_keys({"module.backnone.dec_list.3.mhatt.linear_r.weight": 1,
-                                "module.proj_norm.a_2": 2, "module.lstm.weight_ih_l0": 3},
+    mapped = map_original_keys({"module.backnone.cells_dec.0.dag.3.0.mhatt.linear_r.weight": 1,
+                                "module.backnone.cells_enc.0.dag.0.0.ln.a_2": 2,
+                                "module.imgfeat_linear.bias": 3, "module.linear_y_rel.weight": 4,
+                                "module.attflat_x.linear_merge.weight": 5,
+                                "module.proj_norm.a_2": 6, "module.lstm.weight_ih_l0": 7},
                                VQATask.original_key_prefixes)
-    assert mapped == {"backbone.dec_list.3.mhatt.linear_r.weight": 1, "head.proj_norm.a_2": 2,
-                      "lstm.weight_ih_l0": 3}
+    assert mapped == {"backbone.dec_list.3.mhatt.linear_r.weight": 1,
+                      "backbone.enc_list.0.norm.a_2": 2, "img_feat_linear.bias": 3,
+                      "backbone.linear_rel_img.weight": 4,
+                      "head.attflat_lang.linear_merge.weight": 5, "head.proj_norm.a_2": 6,
+                      "lstm.weight_ih_l0": 7}
 
 
 def test_wrong_vocabulary_is_named(tmp_path):

@@ -389,11 +389,9 @@ def test_checkpoint_with_other_answer_set_and_missing_keys(tmp_path, net_state):
 
 
 def test_released_checkpoint_names_are_mapped(tmp_path, net_state):
-    released = {}
-    for k, v in net_state.items():
-        k = "backnone." + k[len("backbone."):] if k.startswith("backbone.") else k
-        k = k[len("head."):] if k.startswith("head.") else k
-        released["module." + k] = v
+    from releasedkit import released_names
+    released = released_names(net_state, "vqa")
+    assert "module.backnone.cells_dec.0.dag.2.0.ln.a_2" in released
     from core.tasks.vqa import VQATask
     net = _small_net(20)
     load_weights(net, released, "released.pkl", VQATask.original_key_prefixes)

@@ -93,8 +93,9 @@ def test_released_vgd_checkpoint_loads():
                 ("rel_self_att_16", "guided_att_16", "feed_forward", "guided_att_16"))
     net = fixed_net(cfg, arch)
     net.head = VGDHead(cfg)
-    released = {"module." + k.replace("backbone.", "backnone.", 1).replace("head.", "", 1): v
-                for k, v in net.state_dict().items()}
+    from releasedkit import released_names
+    released = released_names(net.state_dict(), "vgd")
+    assert "module.proj_reg.weight" in released and "module.attfc_y.bias" in released
     fresh = fixed_net(cfg, arch, seed=3)
     fresh.head = VGDHead(cfg)
     load_weights(fresh, released, "released.pkl", VGDTask.original_key_prefixes)

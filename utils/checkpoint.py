@@ -3,12 +3,14 @@
 Ours are self-describing: ``{'format', 'kind', 'task', 'config', 'arch', 'meta', 'epoch',
 'step', 'state_dict', 'net_optim', 'arch_optim', 'rng'}``. The original's released files are
 ``{'state_dict': {...}, 'net_optim', 'epoch'}`` from DistributedDataParallel: every key starts
-with ``module.``, the backbone is misspelt ``backnone.`` and task heads sit at the top level.
-``map_original_keys`` turns those names into ours (documented in pretrained_models.md).
+with ``module.``, block ``i`` of the encoder is ``backnone.cells_enc.0.dag.<i>.0.`` (sic), the
+relation linear and the task heads sit at the top level under their own names.
+``map_original_keys`` turns those names into ours (the table is in pretrained_models.md).
 """
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -41,31 +43,118 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def map_original_keys(state: dict, head_prefixes=()) -> dict:
-    """Released names -> ours: strip ``module.``, ``backnone.`` -> ``backbone.``, heads."""
+# Top-level modules of the original's networks (full_*.py, hygr_*.py) whose names differ
+# from ours in every task; the heads differ per task (``Task.original_key_prefixes``).
+ORIGINAL_PREFIXES = (
+    ("imgfeat_linear.", "img_feat_linear."),
+    ("linear_y_rel.", "backbone.linear_rel_img."),    # image relations, Linear(4 -> REL_SIZE)
+    ("linear_x_rel.", "backbone.linear_rel_txt."),    # text relations, Linear(3 -> REL_SIZE)
+)
+# Block i of the original's encoder / decoder: cell 0 (LAYERS = 1), node i, op 0.
+ORIGINAL_BLOCK = re.compile(r"backnone\.cells_(enc|dec)\.0\.dag\.(\d+)\.0\.(.+)")
+# The original's search spaces, in the order of its supernets' ``candidate_ops`` and
+# ``alpha_prob`` (ops_adapter.py: Used_OPS['enc_safe'] and Used_OPS['dec_safe']).
+ORIGINAL_CANDIDATES = {"enc": ("self_att_64", "feed_forward"),
+                       "dec": ("self_att_64", "rel_self_att_64", "guided_att_64",
+                               "feed_forward")}
+# The original builds both relation linears whatever the architecture, we only when a block
+# reads them: a checkpoint's copy is dropped when the network has none (nothing read it).
+OPTIONAL_PREFIXES = ("backbone.linear_rel_img.", "backbone.linear_rel_txt.")
+OUR_BLOCK = re.compile(r"backbone\.(enc|dec)_list\.(\d+)\.(.+)")
+
+
+def map_original_keys(state: dict, head_prefixes=(), candidates: dict | None = None) -> dict:
+    """Released names -> ours; our own names pass unchanged.
+
+    ``head_prefixes``: the task's (original, ours) pairs for the head. ``candidates``:
+    ``{'enc': names, 'dec': names}`` of the supernet loading an original search checkpoint,
+    whose candidates and alphas are reordered by name (None: candidates keep their index).
+    """
     out = {}
     for key, value in state.items():
-        if key.startswith("module."):
-            key = key[len("module."):]
-        if key.startswith("backnone."):
-            key = "backbone." + key[len("backnone."):]
-        for old, new in head_prefixes:
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
+        key = key[len("module."):] if key.startswith("module.") else key
+        block = ORIGINAL_BLOCK.fullmatch(key)
+        if block:
+            key, value = _block_key(*block.groups(), value, candidates)
+            if key is None:
+                continue
+        else:
+            key = _renamed(key, ORIGINAL_PREFIXES + tuple(head_prefixes))
         out[key] = value
+    return out
+
+
+def _renamed(key: str, prefixes) -> str:
+    for old, new in prefixes:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def _block_key(side: str, index: str, rest: str, value, candidates):
+    """One tensor of the original's block ``index`` -> (our key, value); (None, None): drop."""
+    ours = f"backbone.{side}_list.{index}."
+    if rest == "alpha_gate":          # the binary gates: scratch of an architecture step
+        return None, None
+    if rest == "alpha_prob":
+        return ours + "alpha", _reorder(value, side, candidates)
+    candidate = re.fullmatch(r"candidate_ops\.(\d+)\.(.+)", rest)
+    if candidate:
+        ours += f"candidate_ops.{_our_index(side, int(candidate[1]), candidates)}."
+        rest = candidate[2]
+    return ours + _renamed(rest, (("ln.", "norm."),)), value
+
+
+def _our_order(side: str, candidates) -> list[int] | None:
+    """Our candidate j is the original's candidate ``order[j]`` (None: same indices)."""
+    if not candidates or side not in candidates:
+        return None
+    theirs, ours = ORIGINAL_CANDIDATES[side], tuple(candidates[side])
+    if sorted(theirs) != sorted(ours):
+        raise CheckpointError(f"an original search checkpoint has the {side} candidates "
+                              f"{list(theirs)}, this supernet {list(ours)}; set "
+                              f"{side.upper()}_CANDIDATES to the original's to load it")
+    return [theirs.index(name) for name in ours]
+
+
+def _our_index(side: str, k: int, candidates) -> int:
+    order = _our_order(side, candidates)
+    return k if order is None or k >= len(order) else order.index(k)
+
+
+def _reorder(alpha, side: str, candidates):
+    order = _our_order(side, candidates)
+    return alpha if order is None or len(alpha) != len(order) else alpha[order]
+
+
+def _candidates_of(net: nn.Module) -> dict:
+    """The candidate names of a supernet's blocks, per side (empty for a fixed network)."""
+    from core.mixed import MixedOp
+    backbone = getattr(net, "backbone", None)
+    out = {}
+    for side in ("enc", "dec"):
+        mixed = [b for b in getattr(backbone, f"{side}_list", []) if isinstance(b, MixedOp)]
+        if mixed:
+            out[side] = mixed[0].names
     return out
 
 
 def load_weights(net: nn.Module, state: dict, source: str, head_prefixes=()) -> None:
     """Load ``state`` (ours or released) into ``net``; mismatches name keys and shapes."""
-    state = map_original_keys(state, head_prefixes)
+    try:
+        state = map_original_keys(state, head_prefixes, _candidates_of(net))
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
     own = net.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(OPTIONAL_PREFIXES)}
+    problems = []
+    other_arch, explained = _architecture_difference(state, own)
+    if other_arch:
+        problems.append(other_arch)
+    missing = [k for k in own if k not in state and k not in explained]
+    unexpected = [k for k in state if k not in own and k not in explained]
     wrong = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own
              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = []
     if wrong:
         k, got, want = wrong[0]
         problems.append(f"{len(wrong)} tensor(s) with the wrong shape, e.g. {k}: checkpoint "
@@ -79,6 +168,60 @@ def load_weights(net: nn.Module, state: dict, source: str, head_prefixes=()) -> 
     if problems:
         raise CheckpointError(f"{source}: does not fit this network: " + "; ".join(problems))
     net.load_state_dict(state)
+
+
+def _architecture_difference(state: dict, own: dict) -> tuple[str, set]:
+    """Blocks whose tensor names differ between checkpoint and network, as one sentence
+    (e.g. "dec block 2 is 'feed_forward' in the checkpoint but 'rel_self_att' in the
+    network"), and the keys of those blocks, which it explains."""
+    theirs, ours = _blocks(state), _blocks(own)
+    differ = sorted((b for b in theirs.keys() | ours.keys() if theirs.get(b) != ours.get(b)),
+                    key=lambda b: (b[0] != "enc", b[1]))
+    if not differ:
+        return "", set()
+    cases = [f"{side} block {i} is {_kind(theirs.get((side, i)))} in the checkpoint but "
+             f"{_kind(ours.get((side, i)))} in the network" for side, i in differ[:3]]
+    more = f"; {len(differ) - 3} more block(s) differ" if len(differ) > 3 else ""
+    explained = {f"backbone.{side}_list.{i}.{rest}" for side, i in differ
+                 for rest in theirs.get((side, i), set()) | ours.get((side, i), set())}
+    searches = {any(r.startswith("candidate_ops.") for rests in blocks.values() for r in rests)
+                for blocks in (theirs, ours)}
+    if len(searches) == 2:
+        hint = ("a search checkpoint loads into a search (--CKPT_PATH of search_<task>.py), a "
+                "trained one into training")
+    elif searches == {True}:
+        hint = "search with the candidates and block counts it was searched with"
+    else:
+        hint = "pass the --ARCH_PATH and --ARCH_EPOCH it was trained with"
+    return f"it holds another architecture ({'; '.join(cases)}{more}; {hint})", explained
+
+
+def _blocks(keys) -> dict[tuple[str, int], set[str]]:
+    out: dict[tuple[str, int], set[str]] = {}
+    for key in keys:
+        m = OUR_BLOCK.fullmatch(key)
+        if m:
+            out.setdefault((m[1], int(m[2])), set()).add(m[3])
+    return out
+
+
+def _kind(rests: set[str] | None) -> str:
+    """What a block's tensor names say it is. SA and GA hold the same tensors."""
+    rests = rests or set()
+    if not rests:
+        return "absent (or 'skip_connect')"
+    candidates = {r.split(".")[1] for r in rests if r.startswith("candidate_ops.")}
+    if candidates:
+        return f"a search block of {len(candidates)} candidates"
+    if "mhatt.linear_r.weight" in rests:
+        return "'rel_self_att'"
+    if "mhatt.linear_q.weight" in rests:
+        return "'self_att' or 'guided_att'"
+    if {"mlp.fc.linear.weight", "mlp.linear.weight"} <= rests:
+        return "'feed_forward'"
+    if rests == {"norm.a_2", "norm.b_2"}:
+        return "'none'"
+    return "a block of " + ", ".join(sorted({r.split(".")[0] for r in rests}))
 
 
 # ---- RNG state, in a form weights_only loading accepts ------------------------------------

@@ -74,8 +74,12 @@ class VGDTask(Task):
     name = "vgd"
     datasets = tuple(SPLITS)
     main_metric = "acc"
-    original_key_prefixes = tuple((p, f"head.{p}") for p in (
-        "attflat_lang.", "linear_img.", "proj_norm.", "linear_score.", "linear_reg."))
+    # full_vgd.py: x is the text (encoder), y the image regions (decoder)
+    original_key_prefixes = (("attflat_x.", "head.attflat_lang."),
+                             ("attfc_y.", "head.linear_img."),
+                             ("proj_norm.", "head.proj_norm."),
+                             ("proj_scores.", "head.linear_score."),
+                             ("proj_reg.", "head.linear_reg."))
 
     @property
     def root(self) -> Path:

@@ -89,8 +89,10 @@ class VQATask(Task):
     name = "vqa"
     datasets = ("vqa", "demo")
     main_metric = "overall"
-    original_key_prefixes = tuple((p, f"head.{p}") for p in
-                                  ("attflat_img.", "attflat_lang.", "proj_norm.", "proj."))
+    # full_vqa.py: x is the text (encoder), y the image regions (decoder)
+    original_key_prefixes = (("attflat_x.", "head.attflat_lang."),
+                             ("attflat_y.", "head.attflat_img."),
+                             ("proj_norm.", "head.proj_norm."), ("proj.", "head.proj."))
 
     @property
     def root(self) -> Path:
