@@ -43,6 +43,9 @@ KEYS: dict[str, Key] = {
     "GPU": Key("str", "0", "GPU ids, e.g. '0'; runs on CPU when no GPU is present"),
     "NUM_WORKERS": Key("int", 2, "data-loader worker processes (flag --NW)"),
     "DATA_ROOT": Key("str", "datasets", "root of the data tree (see datasets/README.md)"),
+    "DATA_LAYOUT": Key("str", "auto", "layout of DATA_ROOT: 'ours' (datasets/README.md), "
+                       "'original' (the original MMNas's data/ tree, used as it is) or 'auto' "
+                       "(detected from its folders; the log says which)"),
     "LOG_ROOT": Key("str", "logs", "root of the run folders"),
     "RESUME": Key("bool", False, "continue the run named by --VERSION (or --CKPT_PATH) exactly"),
     "CKPT_PATH": Key("str", "", "checkpoint to load: ours or the original's released format"),
