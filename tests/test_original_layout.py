@@ -280,8 +280,8 @@ def test_explicit_layout_skips_detection_and_both_layouts_need_it(tmp_path):
         task_on(VGDTask, data, DATASET="refcocog").prepare()
     task = task_on(VGDTask, data, DATASET="refcocog", DATA_LAYOUT="original")
     task.prepare()
-    assert task.lines[0].startswith(f"{ORIGINAL} (docs/dataset_setup.md of MILVLG/mmnas) "
-                                    f"(DATA_LAYOUT=original)")
+    assert task.lines[0].startswith(f"{ORIGINAL} (DATA_LAYOUT=original); text files in "
+                                    f"{data / 'vgd'}, features in {data / 'vgd' / 'bua-r101-fix100'}")
     assert len(task.dataset("val")) == 10
     ours = task_on(VGDTask, data, DATASET="refcocog", DATA_LAYOUT="ours")
     ours.prepare()
@@ -294,8 +294,9 @@ def test_our_tree_is_detected_and_bad_layout_values_fail(vqa_val_root):
     root, _ = vqa_val_root
     task = task_on(VQATask, root, ANSWER_DICT="core/data/vqa_answer_dict.json")
     task.prepare()
-    assert task.lines[0].startswith("data layout: ours (datasets/README.md) (found "
-                                    "coco_extract, vqa/*_questions.json")
+    assert task.lines[0] == (f"data layout: ours (found coco_extract, vqa/*_questions.json in "
+                             f"{root}); text files in {root / 'vqa'}, features in "
+                             f"{root / 'coco_extract'} (see dataset_setup.md)")
     with pytest.raises(ConfigError, match="DATA_LAYOUT='mmnas'; expected one of auto, ours, "
                        "original"):
         task_on(VQATask, root, DATA_LAYOUT="mmnas").prepare()

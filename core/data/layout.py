@@ -19,8 +19,7 @@ from pathlib import Path
 from core.config import ConfigError
 
 LAYOUTS = ("auto", "ours", "original")
-NAMES = {"ours": "ours (datasets/README.md)",
-         "original": "the original MMNas's (docs/dataset_setup.md of MILVLG/mmnas)"}
+NAMES = {"ours": "ours", "original": "the original MMNas's"}
 
 # task -> (folder of the text files, folder of the features), relative to DATA_ROOT.
 # VQA features: the folder holding train2014/ val2014/ test2015/; VGD, ITM: the .npz folder.
@@ -48,8 +47,8 @@ class DataPaths:
     why: str            # how the layout was chosen, for the log
 
     def describe(self) -> str:
-        return (f"data layout: {NAMES[self.layout]} ({self.why}): text files in {self.text}, "
-                f"features in {self.features}")
+        return (f"data layout: {NAMES[self.layout]} ({self.why}); text files in {self.text}, "
+                f"features in {self.features} (see dataset_setup.md)")
 
 
 def data_paths(task: str, root: Path, setting: str, dataset: str) -> DataPaths:
