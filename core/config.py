@@ -111,11 +111,15 @@ KEYS: dict[str, Key] = {
                        defines_run=False),  # batches come in a fixed order whatever the count
     "DATA_ROOT": Key("str", "datasets", "root of the data tree (see datasets/README.md)",
                      defines_run=False),    # where the data are, not which
+    "DATA_LAYOUT": Key("str", "auto", "layout of DATA_ROOT: 'ours' (datasets/README.md), "
+                       "'original' (the original MMNas's data/ tree, used as it is) or 'auto' "
+                       "(detected from its folders; the log says which)",
+                       choices=("auto", "ours", "original"), defines_run=False),
     "LOG_ROOT": Key("str", "logs", "root of the run folders", defines_run=False),
     "RESUME": Key("bool", False, "continue the run named by --VERSION exactly, from its last "
                   "checkpoint (or --CKPT_PATH); "
-                  "only MAX_EPOCH, NUM_WORKERS, GPU, DATA_ROOT, LOG_ROOT, VERSION, CKPT_PATH and "
-                  "TEST_SPLIT may differ from the saved config", defines_run=False),
+                  "only MAX_EPOCH, NUM_WORKERS, GPU, DATA_ROOT, DATA_LAYOUT, LOG_ROOT, VERSION, "
+                  "CKPT_PATH and TEST_SPLIT may differ from the saved config", defines_run=False),
     "CKPT_PATH": Key("str", "", "checkpoint to load: ours or the original's released format; "
                      "in a search, a supernet to warm-start from (weights and alphas); "
                      "with --RESUME the checkpoint to continue from",

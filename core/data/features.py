@@ -11,6 +11,11 @@ class FeatureError(ValueError):
     pass
 
 
+# How a task's feature files are named, as shown when one is missing ({id}: the image id).
+# Any name whose number after the last '_' (up to the first '.') is the id is found.
+COCO_FEATURE_NAMES = ("*_{id:012d}.jpg.npz",)         # COCO_val2014_000000000042.jpg.npz
+
+
 def image_id_of(name: str) -> int | None:
     """``COCO_train2014_000000000009.jpg.npz`` -> 9 (the number after the last '_')."""
     if not name.endswith(".npz"):
@@ -26,8 +31,9 @@ class NpzFeatures:
     extractors); both are accepted and returned as ``[K, 2048]``.
     """
 
-    def __init__(self, dirs: list[Path], feat_size: int = 2048):
-        self.dirs, self.feat_size = [Path(d) for d in dirs], feat_size
+    def __init__(self, dirs: list[Path], feat_size: int = 2048,
+                 names: tuple[str, ...] = COCO_FEATURE_NAMES):
+        self.dirs, self.feat_size, self.names = [Path(d) for d in dirs], feat_size, names
         self._paths: dict[int, Path] | None = None
 
     @property
@@ -50,15 +56,20 @@ class NpzFeatures:
             where = ", ".join(str(d) for d in self.dirs)
             raise FeatureError(
                 f"no feature file for image id {iid} (needed by {needed[iid]}); looked for "
-                f"'*_{iid:012d}.jpg.npz' in {where}; {len(missing)} of {len(needed)} image ids "
+                f"{self.looked_for(iid)} in {where}; {len(missing)} of {len(needed)} image ids "
                 f"have no feature file")
+
+    def looked_for(self, image_id: int) -> str:
+        """The file names searched for ``image_id``: ``'1000092795.jpg.npz' or ...``."""
+        return " or ".join(f"'{n.format(id=image_id)}'" for n in self.names)
 
     def load(self, image_id: int, max_regions: int):
         """(features [K, 2048] float32, boxes [K, 4] float32, (height, width))."""
         path = self.paths.get(image_id)
         if path is None:
             raise FeatureError(f"no feature file for image id {image_id} in "
-                               f"{', '.join(map(str, self.dirs))}")
+                               f"{', '.join(map(str, self.dirs))} (looked for "
+                               f"{self.looked_for(image_id)})")
         return read_npz(path, self.feat_size, max_regions)
 
 
@@ -101,8 +112,11 @@ def pad_regions(items: list[np.ndarray], width: int) -> np.ndarray:
     return out
 
 
-def open_features(dirs: list[Path], feat_size: int = 2048):
+def open_features(dirs: list[Path], feat_size: int = 2048,
+                  names: tuple[str, ...] = COCO_FEATURE_NAMES):
     """The fastest reader of the features in ``dirs``: a packed store if one is finished.
+
+    ``names``: how the task's files are named, for the message when one is missing.
 
     Rule: ``<parent>/packed`` is used when all ``dirs`` share that parent and its
     ``header.json`` says ``complete: true``, has this ``feat_size`` and lists every dir among
@@ -116,5 +130,5 @@ def open_features(dirs: list[Path], feat_size: int = 2048):
     from core.data.packed import PackedFeatures, find_store   # packed imports this module
     store = find_store([Path(d) for d in dirs], feat_size)
     if store is None:
-        return NpzFeatures(dirs, feat_size)
+        return NpzFeatures(dirs, feat_size, names)
     return PackedFeatures(store, dirs, feat_size)

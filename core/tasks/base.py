@@ -25,6 +25,17 @@ class Task:
         self.cfg, self.log = cfg, log
         self.vocab: dict[str, int] = {}
         self.word_vectors = None
+        self._data_paths = None
+
+    @property
+    def data_paths(self):
+        """Where this task's files are (our tree or the original's), decided once and logged."""
+        if self._data_paths is None:
+            from core.data.layout import data_paths
+            self._data_paths = data_paths(self.name, Path(self.cfg.DATA_ROOT),
+                                          self.cfg.DATA_LAYOUT, self.cfg.DATASET)
+            self.log(self._data_paths.describe())
+        return self._data_paths
 
     # --- data --------------------------------------------------------------------------
     def prepare(self) -> None:

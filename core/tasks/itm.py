@@ -36,6 +36,8 @@ SPLITS = ("train", "dev", "test")
 MAPPING_FILES = ("id_mapping.json", "dataset_flickr30k.json")
 IMAGE_GROUP = 16            # images whose regions are projected together when scoring pairs
 TEXT_CACHE_BYTES = 2**30    # encoded captions kept for a whole scoring pass up to this size
+# Named after the Flickr image file (1000092795.jpg.npz); the original also found '<id>.npz'.
+FEATURE_NAMES = ("{id}.jpg.npz", "{id}.npz")
 
 
 class ITMDataset(Dataset):
@@ -97,7 +99,7 @@ class ITMTask(Task):
 
     @property
     def root(self) -> Path:
-        return Path(self.cfg.DATA_ROOT) / "itm"
+        return self.data_paths.text
 
     def build_demo(self, root: Path) -> dict:
         from core.demo.itm import build_itm_demo
@@ -141,7 +143,8 @@ class ITMTask(Task):
         keep = np.flatnonzero(data.caption_image < n_images)
         names = file_names(data, self.mapping)[:n_images]
         keys = [feature_key(n) for n in names]
-        feats = open_features([self.root / "feats"], self.cfg.IMG_FEAT_SIZE)
+        feats = open_features([self.data_paths.features], self.cfg.IMG_FEAT_SIZE,
+                              FEATURE_NAMES)
         feats.check({k: f"image {n} of {split}" for k, n in zip(keys, names)})
         tokens = np.stack([encode(data.captions[j], self.vocab, self.cfg.MAX_TOKEN) for j in keep])
         return ITMDataset(tokens, data.caption_image[keep], keys, feats, self.cfg)

@@ -29,6 +29,8 @@ SPLITS = {"refcoco": ("train", "val", "testA", "testB"),
           "demo": ("train", "val", "testA", "testB")}
 ENTRY_FIELDS = {"tokens": list, "image_id": int, "bbox": list, "height": int, "width": int}
 POSITIVE_IOU = 0.5
+# COCO train2014 images, named like the VQA files; the original also found '<id>.npz'.
+FEATURE_NAMES = ("*_{id:012d}.jpg.npz", "{id}.npz")
 
 
 class VGDDataset(Dataset):
@@ -83,7 +85,7 @@ class VGDTask(Task):
 
     @property
     def root(self) -> Path:
-        return Path(self.cfg.DATA_ROOT) / "vgd" / self.cfg.DATASET
+        return self.data_paths.text / self.cfg.DATASET
 
     def build_demo(self, root: Path) -> dict:
         from core.demo.vgd import build_vgd_demo
@@ -123,8 +125,8 @@ class VGDTask(Task):
                 needed.setdefault(e["image_id"], f"{path.name}[{i}] (sent_id "
                                                  f"{e.get('sent_id', '?')})")
             entries += part_entries
-        feats = open_features([Path(self.cfg.DATA_ROOT) / "vgd" / "feats"],
-                              self.cfg.IMG_FEAT_SIZE)
+        feats = open_features([self.data_paths.features], self.cfg.IMG_FEAT_SIZE,
+                              FEATURE_NAMES)
         feats.check(needed)
         return VGDDataset(entries, feats, self.vocab, self.cfg)
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from core.config import REPO
-from core.data.features import open_features, pad_regions
+from core.data.features import COCO_FEATURE_NAMES, open_features, pad_regions
 from core.data.text import cached_vocab_and_vectors, encode, files_stamp
 from core.model import AttFlat
 from core.ops import LayerNorm
@@ -96,10 +96,16 @@ class VQATask(Task):
 
     @property
     def root(self) -> Path:
-        return Path(self.cfg.DATA_ROOT) / "vqa"
+        """The folder of the question and annotation files (``vqa/annotations`` in the
+        original's tree)."""
+        return self.data_paths.text
+
+    @property
+    def cache(self) -> Path:
+        return Path(self.cfg.DATA_ROOT) / "vqa" / "cache"     # the same in both layouts
 
     def _feature_root(self) -> Path:
-        return Path(self.cfg.DATA_ROOT) / "coco_extract"
+        return self.data_paths.features
 
     def build_demo(self, root: Path) -> dict:
         from core.demo.vqa import build_vqa_demo
@@ -122,7 +128,7 @@ class VQATask(Task):
                     yield q["question"]
 
         self.vocab, self.word_vectors = cached_vocab_and_vectors(
-            self.root / "cache", files, texts, self.cfg.WORD_VECTORS, self.cfg.WORD_EMBED_SIZE,
+            self.cache, files, texts, self.cfg.WORD_VECTORS, self.cfg.WORD_EMBED_SIZE,
             self.log)
         self.ans_to_ix, self.ix_to_ans = self._answer_dict()
         self.log(f"answers: {len(self.ans_to_ix)}")
@@ -138,7 +144,7 @@ class VQATask(Task):
         else:
             sources = [self.root / ANNOTATIONS[s] for s in ("train", "val")]
             stamp = files_stamp([f for f in sources if f.exists()])
-            cache = self.root / "cache" / f"answer_dict_{stamp}_min{self.cfg.ANS_MIN_COUNT}.json"
+            cache = self.cache / f"answer_dict_{stamp}_min{self.cfg.ANS_MIN_COUNT}.json"
             if cache.exists():
                 ans_to_ix = read_json(cache, "answer dictionary")[0]
             else:
@@ -183,7 +189,7 @@ class VQATask(Task):
                 needed.setdefault(q["image_id"], f"question {q['question_id']} in {q_file}")
             dirs += [self._feature_root() / d for d in FEATURE_DIRS[part] if
                      self._feature_root() / d not in dirs]
-        feats = open_features(dirs, self.cfg.IMG_FEAT_SIZE)
+        feats = open_features(dirs, self.cfg.IMG_FEAT_SIZE, COCO_FEATURE_NAMES)
         feats.check(needed)
         return VQADataset(entries, feats, self.vocab, self.ans_to_ix, self.cfg)
 
