@@ -106,6 +106,15 @@ def test_refcocog_vocabulary_cache_of_the_old_rule_is_not_read(refcocog):
     stale.unlink()
 
 
+def test_refcocog_tokens_that_are_not_words_are_named(tmp_path):
+    splits = convert("refcocog", DATA / "refcocog")
+    splits["train"][1]["tokens"] = ["a", 5]
+    write_splits(splits, tmp_path / "vgd" / "refcocog")
+    with pytest.raises(ValueError, match=r"train.json: \[1\].tokens is \['a', 5\], expected a "
+                                         r"list of words \(strings\)"):
+        _vgd_task(tmp_path).prepare()
+
+
 # --------------------------------------------------------------------------- VQA
 
 
