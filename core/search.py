@@ -21,6 +21,7 @@ from core.engine import (autocast, build_net, device_of, ensure_data, evaluate, 
 from core.mixed import Architect, mixed_ops, weight_parameters
 from core.model import current_arch, search_backbone
 from core.ops import ABBREV
+from core.tasks.base import check_vocabularies
 from utils import dist
 from utils.checkpoint import load_checkpoint, load_weights, rng_state, set_rng_state
 from utils.schedule import lr_at, set_lr
@@ -157,6 +158,9 @@ def warm_start(net, path, task, log) -> None:
 def _resume(run, net, optim, architect, path_gen, task) -> tuple[int, int]:
     path = run.last_checkpoint()
     ckpt = load_checkpoint(path)
+    note = check_vocabularies(ckpt, task.model_meta(), str(path))
+    if note:
+        run.log(note)
     load_weights(net, ckpt["state_dict"], str(path))
     optim.load_state_dict(ckpt["net_optim"])
     architect.optim.load_state_dict(ckpt["arch_optim"])

@@ -11,6 +11,7 @@ from core.arch import Arch, load_arch, parse_arch
 from core.engine import (autocast, build_net, device_of, ensure_data, evaluate, format_metrics,
                          grad_scaler, loader, to_device, weight_step)
 from core.model import fixed_backbone
+from core.tasks.base import check_vocabularies
 from utils import dist
 from utils.checkpoint import (CheckpointError, load_checkpoint, load_weights, rng_state,
                               set_rng_state)
@@ -24,6 +25,10 @@ def run_train(cfg, task, run) -> dict:
     task.prepare()
     ckpt_path = _checkpoint_to_load(cfg, run)
     ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
+    if ckpt is not None:
+        note = check_vocabularies(ckpt, task.model_meta(), str(ckpt_path))
+        if note:
+            run.log(note)
     arch = _architecture(cfg, ckpt, ckpt_path)
     run.log(f"architecture: enc {' '.join(arch.enc)}\n              dec {' '.join(arch.dec)}")
     net = build_net(cfg, task, fixed_backbone(cfg, arch)).to(device)

@@ -107,3 +107,33 @@ def test_train_val_test_and_resume(roots):
         [q["question_id"] for q in questions["questions"][:96]]
     assert all(set(r) == {"question_id", "answer"} and isinstance(r["answer"], str)
                for r in result)
+
+
+
+def test_checkpoint_with_reordered_vocabulary_is_refused(roots, capsys):
+    """Same size, two words swapped: the shapes fit, so only the recorded words can tell.
+    (A checkpoint whose words equal the data's loads: test_train_val_test_and_resume.)"""
+    from core.arch import load_arch
+    from core.engine import build_net, ensure_data, main
+    from core.model import fixed_backbone
+    from utils.checkpoint import save_checkpoint
+    paths, base = roots
+    args = QUICK + paths + ["--RUN=val", "--ARCH_PATH=arch/mmnas_vqa.json"]
+    cfg, run, task = start(VQATask, "train", args + ["--VERSION=vocab-made"])
+    ensure_data(cfg, task, run.log)
+    task.prepare()
+    net = build_net(cfg, task, fixed_backbone(cfg, load_arch(cfg.ARCH_PATH, 0, cfg.ENC_BLOCKS,
+                                                             cfg.DEC_BLOCKS)))
+    meta = task.model_meta()
+    words = meta["vocab"]
+    assert words[:3] == ["PAD", "UNK", "CLS"] and len(words) == meta["vocab_size"]
+    assert len(meta["answers"]) == meta["answer_size"]
+    first, second = words[3], words[4]
+    words[3], words[4] = second, first
+    path = base / "reordered.pkl"
+    save_checkpoint(path, {"kind": "train", "meta": meta, "state_dict": net.state_dict()})
+    with pytest.raises(SystemExit):
+        main(VQATask, "train", run_train, args + ["--VERSION=vocab-refused",
+                                                  f"--CKPT_PATH={path}"])
+    assert (f"error: {path}: its word vocabulary differs from the data's at index 3: "
+            f"checkpoint {second!r}, data {first!r}") in capsys.readouterr().err

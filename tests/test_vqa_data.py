@@ -95,7 +95,10 @@ def test_val_split_has_100_samples_with_real_vocab(prepared):
     assert item["qid"] == 262148000
     assert item["txt"].tolist() == [3, 4, 5, 6] + [0] * 10
     assert _item(ds, 262148002)["txt"].tolist() == [7, 4, 5, 14, 15, 16] + [0] * 8
-    assert task.model_meta() == {"vocab_size": len(task.vocab), "answer_size": 3129}
+    # a checkpoint records both vocabularies, words in index order
+    assert task.model_meta() == {"vocab_size": len(task.vocab), "vocab": list(task.vocab),
+                                 "answer_size": 3129, "answers": task.ix_to_ans}
+    assert task.model_meta()["answers"][:3] == ["net", "pitcher", "orange"]
     # the note that the vocabulary lacks the other corpus files
     assert any(line.startswith("note: vocabulary built from") for line in task.lines)
 

@@ -1,4 +1,11 @@
-"""Tokenisation, vocabulary (the original's order) and word vectors from a chosen source."""
+"""Tokenisation, vocabulary (the original's order) and word vectors from a chosen source.
+
+The original turns a corpus text into words by one of two rules, named here:
+``"text"`` (VQA questions, Flickr30K captions): lower-case, delete . , ' ! ? " ( ) * # : ;,
+turn - and / into spaces, split on white space; ``"tokens"`` (RefCOCO, RefCOCO+, RefCOCOg):
+the refer toolkit's ``tokens`` list exactly as given (punctuation such as ``.``, ``,``,
+``-`` and ``/`` are words of their own there).
+"""
 from __future__ import annotations
 
 import hashlib
@@ -20,22 +27,37 @@ def tokenize(text: str) -> list[str]:
     return _STRIP.sub("", text.lower()).replace("-", " ").replace("/", " ").split()
 
 
-def build_vocab(texts: Iterable[str]) -> dict[str, int]:
-    """PAD = 0, UNK = 1, CLS = 2, then words in first-seen order (released weights rely on it)."""
+RULES = {"text": tokenize, "tokens": list}
+
+
+def _words(item, rule: str) -> list[str]:
+    if rule not in RULES:
+        raise ValueError(f"unknown tokenisation rule {rule!r}; expected one of {list(RULES)}")
+    return RULES[rule](item)
+
+
+def build_vocab(texts: Iterable, rule: str = "text") -> dict[str, int]:
+    """PAD = 0, UNK = 1, CLS = 2, then words in first-seen order (released weights rely on it).
+    ``texts`` are strings (rule "text") or token lists (rule "tokens")."""
     vocab = {"PAD": PAD, "UNK": UNK, "CLS": CLS}
     for text in texts:
-        for word in tokenize(text):
+        for word in _words(text, rule):
             if word not in vocab:
                 vocab[word] = len(vocab)
     return vocab
 
 
-def encode(text: str, vocab: dict[str, int], max_len: int) -> np.ndarray:
+def encode(text, vocab: dict[str, int], max_len: int, rule: str = "text") -> np.ndarray:
     """Token ids padded with PAD to ``max_len``; unknown words -> UNK; longer texts cut."""
     ids = np.zeros(max_len, np.int64)
-    words = tokenize(text)[:max_len]
+    words = _words(text, rule)[:max_len]
     ids[:len(words)] = [vocab.get(w, UNK) for w in words]
     return ids
+
+
+def vocab_words(vocab: dict[str, int]) -> list[str]:
+    """The words in index order (what a checkpoint records)."""
+    return sorted(vocab, key=vocab.__getitem__)
 
 
 # ---- word vectors -----------------------------------------------------------------------
@@ -100,16 +122,20 @@ def files_stamp(files: list[Path]) -> str:
 
 
 def cached_vocab_and_vectors(cache_dir: Path, corpus_files: list[Path], texts, source: str,
-                             dim: int, log) -> tuple[dict[str, int], np.ndarray]:
-    """Vocabulary and embedding matrix, computed once per corpus and source, then cached."""
+                             dim: int, log, rule: str = "text"
+                             ) -> tuple[dict[str, int], np.ndarray]:
+    """Vocabulary and embedding matrix, computed once per corpus, rule and source, then cached.
+    The rule is part of the cache name: a cache written under another rule is never read."""
     stamp = files_stamp(corpus_files)
+    if rule != "text":          # "text" caches keep their earlier names
+        stamp = f"{rule}-{stamp}"
     vocab_file = cache_dir / f"vocab_{stamp}.json"
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", source)[-60:]
     emb_file = cache_dir / f"emb_{stamp}_{slug}.npy"
     if vocab_file.exists():
         vocab = json.loads(vocab_file.read_text())
     else:
-        vocab = build_vocab(texts())
+        vocab = build_vocab(texts(), rule)
         atomic_write_json(vocab_file, vocab)
     if emb_file.exists():
         vectors = np.load(emb_file)

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from core.data.text import vocab_words
 from utils import dist
+from utils.checkpoint import CheckpointError
 
 
 class Task:
@@ -60,8 +62,9 @@ class Task:
         raise NotImplementedError
 
     def model_meta(self) -> dict:
-        """Sizes a checkpoint must record to rebuild the network (vocabularies...)."""
-        return {"vocab_size": len(self.vocab)}
+        """What a checkpoint records to rebuild the network: vocabulary size and words in
+        index order (``check_vocabularies`` compares them when a checkpoint is loaded)."""
+        return {"vocab_size": len(self.vocab), "vocab": vocab_words(self.vocab)}
 
     # --- epochs and evaluation ----------------------------------------------------------
     def start_epoch(self, net: nn.Module, dataset: Dataset, epoch: int, device) -> None:
@@ -95,6 +98,40 @@ class Task:
     def baseline(self, train: Dataset, evaluated: Dataset) -> dict:
         """A trivial baseline on the evaluated split, for the log (e.g. majority answer)."""
         return {}
+
+
+# (words key, size key, name) of the vocabularies a checkpoint's "meta" may record
+VOCABULARIES = (("vocab", "vocab_size", "word vocabulary"),
+                ("answers", "answer_size", "answer vocabulary"))
+
+
+def check_vocabularies(ckpt: dict, data_meta: dict, source: str) -> str:
+    """Refuse a checkpoint whose vocabularies differ from the data's: a same-size reordered
+    vocabulary loads without a shape error but gives every word another vector. Checkpoints
+    without words (the original's released files) get their sizes checked by the tensor
+    shapes only; the returned note says so ("" when the words were compared)."""
+    saved = ckpt.get("meta") or {}
+    unchecked = []
+    for words_key, size_key, name in VOCABULARIES:
+        if words_key not in data_meta:
+            continue
+        ours, theirs = data_meta[words_key], saved.get(words_key)
+        size = len(theirs) if theirs is not None else saved.get(size_key)
+        if size is not None and size != len(ours):
+            raise CheckpointError(f"{source}: its {name} has {size} entries, the data's has "
+                                  f"{len(ours)} (other data files or tokenisation?)")
+        if theirs is None:
+            unchecked.append(name)
+            continue
+        for i, (a, b) in enumerate(zip(theirs, ours)):
+            if a != b:
+                raise CheckpointError(f"{source}: its {name} differs from the data's at index "
+                                      f"{i}: checkpoint {a!r}, data {b!r} (other data files "
+                                      f"or tokenisation?)")
+    if not unchecked:
+        return ""
+    return (f"note: {source} records no {' or '.join(unchecked)} (a released or older "
+            f"checkpoint): rebuilt from the data the original's way, only sizes are checked")
 
 
 def in_dataset_order(local: list, n: int, batch_size: int) -> list:

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from core.data.features import open_features, pad_regions
-from core.data.flickr import feature_key, file_names, read_id_mapping, read_split
+from core.data.flickr import feature_key, file_names, read_id_mapping, read_lines, read_split
 from core.data.text import cached_vocab_and_vectors, encode
 from core.model import Side
 from core.tasks.base import Task, root_dataset
@@ -124,9 +124,9 @@ class ITMTask(Task):
             raise FileNotFoundError(f"no caption files in {self.root / 'f30k_precomp'} "
                                     f"(expected train_caps.txt, dev_caps.txt, test_caps.txt)")
 
-        def texts():
+        def texts():            # decoded as the captions of the datasets are (UTF-8)
             for f in files:
-                yield from f.read_text().splitlines()
+                yield from read_lines(f, "captions")
 
         self.vocab, self.word_vectors = cached_vocab_and_vectors(
             self.root / "cache", files, texts, self.cfg.WORD_VECTORS, self.cfg.WORD_EMBED_SIZE,

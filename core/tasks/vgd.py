@@ -48,7 +48,7 @@ class VGDDataset(Dataset):
             raise ValueError(f"{self.feats.paths[e['image_id']]}: {len(img)} boxes, expected "
                              f"{self.regions} (MAX_REGIONS; grounding features have a fixed "
                              f"number of proposals)")
-        return {"txt": encode(" ".join(e["tokens"]), self.vocab, self.max_token), "img": img,
+        return {"txt": encode(e["tokens"], self.vocab, self.max_token, rule="tokens"), "img": img,
                 "boxes": boxes, "gt": np.asarray(e["bbox"], np.float32),
                 "size": np.asarray([e["height"], e["width"]], np.float32),
                 "sent_id": e.get("sent_id", i)}
@@ -104,14 +104,16 @@ class VGDTask(Task):
             raise FileNotFoundError(f"no {missing[0]}: preprocess the refer toolkit's files "
                                     f"with preprocess_vgd.py (see dataset_setup.md)")
 
-        def texts():
+        # The original's vocabulary: every split's sentences in the order above (train first),
+        # the refer toolkit's tokens taken as given, not re-tokenised.
+        def token_lists():
             for f in files:
                 for e in _entries(f):
-                    yield " ".join(e["tokens"])
+                    yield e["tokens"]
 
         self.vocab, self.word_vectors = cached_vocab_and_vectors(
-            self.root / "cache", files, texts, self.cfg.WORD_VECTORS, self.cfg.WORD_EMBED_SIZE,
-            self.log)
+            self.root / "cache", files, token_lists, self.cfg.WORD_VECTORS,
+            self.cfg.WORD_EMBED_SIZE, self.log, rule="tokens")
 
     def dataset(self, split: str) -> VGDDataset:
         entries, needed = [], {}
@@ -200,6 +202,9 @@ def _entries(path: Path) -> list[dict]:
                          f"writes them)")
     for i, e in enumerate(data):
         expect_fields(path, f"[{i}]", e, ENTRY_FIELDS)
+        if not all(isinstance(t, str) for t in e["tokens"]):
+            raise ValueError(f"{path}: [{i}].tokens is {e['tokens']!r}, expected a list of "
+                             f"words (strings)")
     return data
 
 

@@ -211,7 +211,8 @@ class VQATask(Task):
         return VQAHead(self.cfg, len(self.ans_to_ix))
 
     def model_meta(self) -> dict:
-        return {"vocab_size": len(self.vocab), "answer_size": len(self.ans_to_ix)}
+        return {**super().model_meta(), "answer_size": len(self.ans_to_ix),
+                "answers": list(self.ix_to_ans)}
 
     def loss(self, out, batch):
         return F.binary_cross_entropy_with_logits(out, batch["target"], reduction="sum")
