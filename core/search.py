@@ -151,6 +151,9 @@ def warm_start(net, path, task, log) -> None:
     """--CKPT_PATH without --RESUME: a supernet's weights and alphas (ours, or the original's
     search checkpoint of hygr_*.py), then a new search from epoch 0 with fresh optimisers."""
     ckpt = load_checkpoint(path)
+    note = check_vocabularies(ckpt, task.model_meta(), str(path))
+    if note:
+        log(note)
     load_weights(net, ckpt["state_dict"], str(path), task.original_key_prefixes)
     log(f"warm start: supernet weights and architecture logits loaded from {path}")
 
