@@ -23,7 +23,8 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from core.data.features import open_features, pad_regions
-from core.data.flickr import feature_key, file_names, read_id_mapping, read_split
+from core.data.flickr import (feature_key, file_names, read_id_mapping, read_lines,
+                               read_split)
 from core.data.text import cached_vocab_and_vectors, encode
 from core.model import Side
 from core.tasks.base import Task, root_dataset
@@ -69,7 +70,7 @@ class ITMDataset(Dataset):
     def __getitem__(self, j):
         i = int(self.caption_image[j])
         img, boxes = self.image(i)
-        item = {"txt": self.tokens[j], "img": img, "boxes": boxes}
+        item = {"txt": self.tokens[j], "img": img, "boxes": boxes, "caption_id": int(j)}
         if self.neg_captions is not None:
             rng = np.random.default_rng([self.seed, self.epoch, j])
             item["neg_txt"] = self.tokens[self.neg_captions[i, rng.integers(self.neg_captions.shape[1])]]
@@ -93,6 +94,7 @@ class ITMTask(Task):
     name = "itm"
     datasets = ("flickr", "demo")
     main_metric = "rsum"
+    batch_ids = ("caption_id", "caption indices (with their negatives)")
     original_key_prefixes = VQATask.original_key_prefixes      # the same head
 
     @property
@@ -124,7 +126,7 @@ class ITMTask(Task):
 
         def texts():
             for f in files:
-                yield from f.read_text().splitlines()
+                yield from read_lines(f, "captions")
 
         self.vocab, self.word_vectors = cached_vocab_and_vectors(
             self.root / "cache", files, texts, self.cfg.WORD_VECTORS, self.cfg.WORD_EMBED_SIZE,
@@ -163,7 +165,8 @@ class ITMTask(Task):
                 "img": torch.from_numpy(pad_regions(img, self.cfg.IMG_FEAT_SIZE)),
                 "boxes": torch.from_numpy(pad_regions(boxes, 4)),
                 "target": torch.tensor(target),
-                "weight": torch.tensor([pos_weight] * n + [1.0] * (len(target) - n))}
+                "weight": torch.tensor([pos_weight] * n + [1.0] * (len(target) - n)),
+                "caption_id": [s["caption_id"] for s in samples]}
 
     # --- model -------------------------------------------------------------------------
     def build_head(self) -> nn.Module:

@@ -74,6 +74,7 @@ class VGDTask(Task):
     name = "vgd"
     datasets = tuple(SPLITS)
     main_metric = "acc"
+    batch_ids = ("sent_id", "sent ids")
     original_key_prefixes = tuple((p, f"head.{p}") for p in (
         "attflat_lang.", "linear_img.", "proj_norm.", "linear_score.", "linear_reg."))
 

@@ -89,6 +89,7 @@ class VQATask(Task):
     name = "vqa"
     datasets = ("vqa", "demo")
     main_metric = "overall"
+    batch_ids = ("qid", "question ids")
     original_key_prefixes = tuple((p, f"head.{p}") for p in
                                   ("attflat_img.", "attflat_lang.", "proj_norm.", "proj."))
 
