@@ -86,8 +86,9 @@ def open_fields(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     except FeatureError:
         raise
     except UNREADABLE as e:
-        raise FeatureError(f"{path}: not a readable .npz feature file ({type(e).__name__}: "
-                           f"{e}); re-extract or re-download it") from None
+        kind = f"zlib.{type(e).__name__}" if isinstance(e, zlib.error) else type(e).__name__
+        raise FeatureError(f"{path}: not a readable .npz feature file ({kind}: {e}); "
+                           f"re-extract or re-download it") from None
 
 
 def image_size(path: Path, fields: dict[str, np.ndarray]) -> tuple[float, float]:
@@ -104,11 +105,14 @@ def image_size(path: Path, fields: dict[str, np.ndarray]) -> tuple[float, float]
     return size[0], size[1]
 
 
-def check_values(path: Path, key: str, a: np.ndarray, row_name: str) -> None:
-    """Real numbers only: one NaN or inf in one of 120,000 files makes every weight NaN."""
+def check_dtype(path: Path, key: str, a: np.ndarray) -> None:
     if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
         raise FeatureError(f"{path}: field '{key}' has dtype {a.dtype}, expected float32 "
                            f"or float16 numbers")
+
+
+def check_finite(path: Path, key: str, a: np.ndarray, row_name: str) -> None:
+    """Real numbers only: one NaN or inf in one of 120,000 files makes every weight NaN."""
     bad = ~np.isfinite(a)
     if bad.any():
         row, col = (int(i) for i in np.argwhere(bad)[0])
@@ -124,6 +128,8 @@ def read_npz(path: Path, feat_size: int, max_regions: int):
     fields = open_fields(path, ("x", "bbox", "image_h", "image_w"))
     x, boxes = fields["x"], fields["bbox"]
     size = image_size(path, fields)
+    check_dtype(path, "x", x)
+    check_dtype(path, "bbox", boxes)
     if x.ndim != 2 or feat_size not in x.shape:
         raise FeatureError(f"{path}: field 'x' has shape {list(x.shape)}, expected "
                            f"[{feat_size}, K] or [K, {feat_size}]")
@@ -132,8 +138,8 @@ def read_npz(path: Path, feat_size: int, max_regions: int):
     if boxes.shape != (x.shape[0], 4):
         raise FeatureError(f"{path}: field 'bbox' has shape {list(boxes.shape)}, expected "
                            f"[{x.shape[0]}, 4] (one box per region of 'x')")
-    check_values(path, "x", x, "region")
-    check_values(path, "bbox", boxes, "region")
+    check_finite(path, "x", x, "region")
+    check_finite(path, "bbox", boxes, "region")
     k = min(x.shape[0], max_regions)
     return (np.ascontiguousarray(x[:k], np.float32), np.asarray(boxes[:k], np.float32), size)
 
