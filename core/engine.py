@@ -282,11 +282,12 @@ def weight_step(net: nn.Module, task, batch: dict, optim, params, cfg, device,
     grads = [p.grad for p in params if p.grad is not None]
     total = loss.detach().float().reshape(1)     # summed with the gradients: all ranks agree
     dist.sum_grads(grads + [total])
-    problem = loss_problem(total) or (grad_problem(net, params) if scaler is None else None)
+    norm = None
+    if cfg.GRAD_CLIP > 0:
+        norm = nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.GRAD_CLIP)
+    problem = loss_problem(total) or (grad_problem(net, params, norm) if scaler is None else None)
     if problem:
         raise NonFiniteError(stopped_message(where, problem, task, batch))
-    if cfg.GRAD_CLIP > 0:
-        nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.GRAD_CLIP)
     if scaler is not None:
         scaler.step(optim)
         scaler.update()

@@ -22,14 +22,19 @@ def loss_problem(loss: torch.Tensor) -> str | None:
     return f"the loss is {float(loss.reshape(-1)[0])}"
 
 
-def grad_problem(net: nn.Module, params: list[nn.Parameter]) -> str | None:
+def grad_problem(net: nn.Module, params: list[nn.Parameter],
+                 norm: torch.Tensor | None = None) -> str | None:
     """The first parameter of ``params`` whose gradient holds NaN or inf, or None.
 
-    One fused norm over all gradients (a single device sync) decides; the parameter is
-    looked up only when something is wrong.
+    The total gradient norm (``norm``, as clipping computed it, else one fused reduction)
+    decides with a single device sync; the parameter is looked up only when it is not finite.
     """
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads or bool(torch.isfinite(nn.utils.get_total_norm(grads))):
+    if not grads:
+        return None
+    if norm is None:
+        norm = nn.utils.get_total_norm(grads)
+    if bool(torch.isfinite(norm)):
         return None
     names = {id(p): n for n, p in net.named_parameters()}
     for p in params:

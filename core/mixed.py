@@ -110,10 +110,10 @@ class MixedOp(nn.Module):
 def gate_problem(grads: list[torch.Tensor]) -> str | None:
     """The first block whose gate gradient holds NaN or inf (no loss scaling here: an inf
     gate gradient is never legitimate), or None."""
-    for i, g in enumerate(grads):
-        if not bool(torch.isfinite(g).all()):
-            return f"the gate gradient of searchable block {i} is {g.tolist()}"
-    return None
+    if not grads or bool(torch.isfinite(torch.cat(grads)).all()):     # one device sync
+        return None
+    i = next(i for i, g in enumerate(grads) if not bool(torch.isfinite(g).all()))
+    return f"the gate gradient of searchable block {i} is {grads[i].tolist()}"
 
 
 def mixed_ops(net: nn.Module) -> list[MixedOp]:
