@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from core import config as config_mod
 from core.cli import fail, parse_args, usage, wants_help
+from core.finite import NonFiniteError, assert_finite, grad_problem, loss_problem
 from core.model import Net
 from utils import dist
 from utils.checkpoint import CheckpointError, save_checkpoint
@@ -53,6 +54,8 @@ class Run:
 
     def checkpoint(self, epoch: int, payload: dict) -> Path:
         path = self.folder / f"epoch{epoch}.pkl"
+        # every rank checks (they hold the same weights), so none waits at the barrier alone
+        assert_finite(payload, f"checkpoint {path}")
         if self.main:
             save_checkpoint(path, payload)
             from utils.io import atomic_write_text
@@ -286,8 +289,12 @@ def grad_scaler(cfg, device: torch.device):
 
 
 def weight_step(net: nn.Module, task, batch: dict, optim, params, cfg, device,
-                scaler=None) -> float:
-    """One optimiser step on the network weights; parameters without gradient stay put."""
+                scaler=None, where: str = "weight step") -> float:
+    """One optimiser step on the network weights; parameters without gradient stay put.
+
+    A non-finite loss, or gradient (without fp16 loss scaling, whose GradScaler skips such
+    steps itself), stops the run before the step with an error naming ``where`` and the batch.
+    """
     optim.zero_grad(set_to_none=True)
     with autocast(cfg, device):
         loss = task.loss(net(batch), batch)
@@ -297,15 +304,28 @@ def weight_step(net: nn.Module, task, batch: dict, optim, params, cfg, device,
     else:
         loss.backward()
     grads = [p.grad for p in params if p.grad is not None]
-    dist.sum_grads(grads)
+    total = loss.detach().float().reshape(1)     # summed with the gradients: all ranks agree
+    dist.sum_grads(grads + [total])
+    norm = None
     if cfg.GRAD_CLIP > 0:
-        nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.GRAD_CLIP)
+        norm = nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.GRAD_CLIP)
+    problem = loss_problem(total) or (grad_problem(net, params, norm) if scaler is None else None)
+    if problem:
+        raise NonFiniteError(stopped_message(where, problem, task, batch))
     if scaler is not None:
         scaler.step(optim)
         scaler.update()
     else:
         optim.step()
     return float(loss.detach())
+
+
+def stopped_message(where: str, problem: str, task, batch: dict) -> str:
+    """One line: where it happened, what is non-finite, which samples, what to do."""
+    share = f" (this process's share of {dist.world()})" if dist.active() else ""
+    return (f"{where}: {problem} on {task.describe_batch(batch)}{share}; stopped before the "
+            f"optimiser step, nothing updated or saved (check these samples' feature files, "
+            f"or lower LR_BASE)")
 
 
 @torch.no_grad()

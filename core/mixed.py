@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from core.finite import NonFiniteError, loss_problem
 from core.ops import OpSpec, build_op
 from utils import dist
 
@@ -106,6 +107,15 @@ class MixedOp(nn.Module):
         self.gates, self.involved = None, []
 
 
+def gate_problem(grads: list[torch.Tensor]) -> str | None:
+    """The first block whose gate gradient holds NaN or inf (no loss scaling here: an inf
+    gate gradient is never legitimate), or None."""
+    if not grads or bool(torch.isfinite(torch.cat(grads)).all()):     # one device sync
+        return None
+    i = next(i for i, g in enumerate(grads) if not bool(torch.isfinite(g).all()))
+    return f"the gate gradient of searchable block {i} is {grads[i].tolist()}"
+
+
 def mixed_ops(net: nn.Module) -> list[MixedOp]:
     return [m for m in net.modules() if isinstance(m, MixedOp)]
 
@@ -128,8 +138,12 @@ class Architect:
         self.optim = torch.optim.Adam(arch_parameters(net), lr=lr, betas=tuple(betas),
                                       eps=1e-8, weight_decay=0.0)
 
-    def step(self, loss_fn, gen: torch.Generator) -> float:
-        """One gradient step on alpha; ``loss_fn()`` runs the net on an architecture batch."""
+    def step(self, loss_fn, gen: torch.Generator, explain=None) -> float:
+        """One gradient step on alpha; ``loss_fn()`` runs the net on an architecture batch.
+
+        A non-finite loss or gate gradient raises NonFiniteError before alpha moves (a NaN
+        alpha would be written to arch.json); ``explain(problem)`` words its message.
+        """
         for m in self.mixed:
             m.binarize(self.mode, gen)
         try:
@@ -137,7 +151,12 @@ class Architect:
             grads = torch.autograd.grad(loss, [m.gates for m in self.mixed], allow_unused=True)
             grads = [torch.zeros_like(m.gates) if g is None else g
                      for m, g in zip(self.mixed, grads)]
-            dist.sum_grads(grads)        # every rank drew the same gates
+            total = loss.detach().float().reshape(1)
+            dist.sum_grads(grads + [total])        # every rank drew the same gates
+            problem = loss_problem(total) or gate_problem(grads)
+            if problem:
+                raise NonFiniteError(explain(problem) if explain else
+                                     f"architecture step: {problem}")
             self.optim.zero_grad(set_to_none=True)
             for m, g in zip(self.mixed, grads):
                 m.set_alpha_grad(g)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from core.arch import save_arch
 from core.engine import (autocast, build_net, device_of, ensure_data, evaluate, format_metrics,
-                         grad_scaler, loader, to_device, weight_step)
+                         grad_scaler, loader, stopped_message, to_device, weight_step)
 from core.mixed import Architect, mixed_ops, weight_parameters
 from core.model import current_arch, search_backbone
 from core.ops import ABBREV
@@ -84,12 +84,15 @@ def run_search(cfg, task, run) -> dict:
             batch = to_device(batch, device)
             for m in architect.mixed:
                 m.sample(path_gen)
-            total += weight_step(net, task, batch, optim, params, cfg, device, scaler)
+            total += weight_step(net, task, batch, optim, params, cfg, device, scaler,
+                                 where=f"epoch {epoch + 1}, step {step + 1}")
             n += len(batch["txt"])
             step += 1
             if epoch >= cfg.ARCH_START_EPOCH and step % cfg.ARCH_STEP_EVERY == 0:
                 arch_batch = to_device(next(arch_batches), device)
-                architect.step(lambda: arch_loss(arch_batch), path_gen)
+                where = f"epoch {epoch + 1}, step {step}, architecture step"
+                architect.step(lambda: arch_loss(arch_batch), path_gen,
+                               lambda problem: stopped_message(where, problem, task, arch_batch))
             bar.set_postfix(loss=f"{total / n:.4f}", lr=f"{lr:.2e}")
         arch = current_arch(net.backbone)
         ckpt = run.checkpoint(epoch + 1, {

@@ -109,7 +109,8 @@ def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
                    disable=not dist.is_main())
         for batch in bar:
             batch = to_device(batch, device)
-            total += weight_step(net, task, batch, optim, params, cfg, device, scaler)
+            total += weight_step(net, task, batch, optim, params, cfg, device, scaler,
+                                 where=f"epoch {epoch + 1}, step {step + 1}")
             n += len(batch["txt"])
             step += 1
             bar.set_postfix(loss=f"{total / n:.4f}", lr=f"{lr:.2e}")

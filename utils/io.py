@@ -1,6 +1,7 @@
 """Atomic file writes: a crash never leaves a half-written checkpoint, JSON or log config."""
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import tempfile
@@ -31,14 +32,33 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
+def decode_utf8(path: str | Path, data: bytes) -> str:
+    """``data`` (the bytes of ``path``) as text; a leading BOM is dropped.
+
+    Always UTF-8, never the locale's encoding (which would turn a broken file into silently
+    wrong text); a bad byte is named with its offset and line, so it can be found in a
+    file of millions of lines.
+    """
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = skip + e.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise ValueError(f"{path}: not UTF-8 text: byte 0x{data[offset]:02x} at byte offset "
+                         f"{offset:,} (line {line:,}): {e.reason}; save the file as "
+                         f"UTF-8") from None
+
+
 def read_json(path: str | Path, what: str) -> Any:
     """Load JSON with an error that names the file and what it should have been."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path} does not exist")
+    text = decode_utf8(path, path.read_bytes())
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not a valid JSON {what} file ({e})") from None
 
 

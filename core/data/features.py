@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +75,11 @@ class NpzFeatures:
         return read_npz(path, self.feat_size, max_regions)
 
 
+# What numpy, zipfile and zlib raise on a truncated, zero-byte or corrupt file, or on a member
+# that is not a plain array (object arrays need pickle, which stays off).
+UNREADABLE = (OSError, ValueError, EOFError, TypeError, zipfile.BadZipFile, zlib.error)
+
+
 def check_keys(path: Path, npz) -> None:
     """An opened feature file has every key we read, or the error names the missing ones."""
     absent = [k for k in ("x", "bbox", "image_h", "image_w") if k not in npz.files]
@@ -81,16 +88,59 @@ def check_keys(path: Path, npz) -> None:
                            f"feature file has x, bbox, image_h, image_w, num_bbox)")
 
 
-def read_npz(path: Path, feat_size: int, max_regions: int):
+def open_fields(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays ``names`` of a feature file; any unreadable file is a FeatureError naming it."""
     try:
         with np.load(path) as f:
             check_keys(path, f)
-            x, boxes = f["x"], f["bbox"]
-            size = (float(f["image_h"]), float(f["image_w"]))
-    except (OSError, ValueError, EOFError) as e:
-        if isinstance(e, FeatureError):
-            raise
-        raise FeatureError(f"{path}: not a readable .npz feature file ({e})") from None
+            return {k: f[k] for k in names}
+    except FeatureError:
+        raise
+    except UNREADABLE as e:
+        kind = f"zlib.{type(e).__name__}" if isinstance(e, zlib.error) else type(e).__name__
+        raise FeatureError(f"{path}: not a readable .npz feature file ({kind}: {e}); "
+                           f"re-extract or re-download it") from None
+
+
+def image_size(path: Path, fields: dict[str, np.ndarray]) -> tuple[float, float]:
+    """(image_h, image_w), each one positive finite number."""
+    size = []
+    for key in ("image_h", "image_w"):
+        v = fields[key]
+        if v.size != 1 or not np.issubdtype(v.dtype, np.number) or not np.isfinite(v).all() \
+                or float(v.reshape(())) <= 0:
+            shown = v.tolist() if v.size <= 4 else f"an array of shape {list(v.shape)}"
+            raise FeatureError(f"{path}: field '{key}' is {shown!r} ({v.dtype}), expected one "
+                               f"positive number (the image size in pixels)")
+        size.append(float(v.reshape(())))
+    return size[0], size[1]
+
+
+def check_dtype(path: Path, key: str, a: np.ndarray) -> None:
+    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+        raise FeatureError(f"{path}: field '{key}' has dtype {a.dtype}, expected float32 "
+                           f"or float16 numbers")
+
+
+def check_finite(path: Path, key: str, a: np.ndarray, row_name: str) -> None:
+    """Real numbers only: one NaN or inf in one of 120,000 files makes every weight NaN."""
+    bad = ~np.isfinite(a)
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        kinds = sorted({"nan" if np.isnan(v) else "inf" for v in a[bad][:1000].tolist()})
+        iid = image_id_of(Path(path).name)
+        image = f" of image id {iid}" if iid is not None else ""
+        raise FeatureError(f"{path}: field '{key}' holds {int(bad.sum())} non-finite value(s) "
+                           f"({', '.join(kinds)}), the first at {row_name} {row}{image}, "
+                           f"column {col}; re-extract this image's features")
+
+
+def read_npz(path: Path, feat_size: int, max_regions: int):
+    fields = open_fields(path, ("x", "bbox", "image_h", "image_w"))
+    x, boxes = fields["x"], fields["bbox"]
+    size = image_size(path, fields)
+    check_dtype(path, "x", x)
+    check_dtype(path, "bbox", boxes)
     if x.ndim != 2 or feat_size not in x.shape:
         raise FeatureError(f"{path}: field 'x' has shape {list(x.shape)}, expected "
                            f"[{feat_size}, K] or [K, {feat_size}]")
@@ -99,6 +149,8 @@ def read_npz(path: Path, feat_size: int, max_regions: int):
     if boxes.shape != (x.shape[0], 4):
         raise FeatureError(f"{path}: field 'bbox' has shape {list(boxes.shape)}, expected "
                            f"[{x.shape[0]}, 4] (one box per region of 'x')")
+    check_finite(path, "x", x, "region")
+    check_finite(path, "bbox", boxes, "region")
     k = min(x.shape[0], max_regions)
     return (np.ascontiguousarray(x[:k], np.float32), np.asarray(boxes[:k], np.float32), size)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from core.data.features import image_id_of
-from utils.io import expect_fields, read_json
+from utils.io import decode_utf8, expect_fields, read_json
 
 SPLITS = ("train", "dev", "test")
 CAPTIONS_PER_IMAGE = 5
@@ -38,10 +38,7 @@ def read_lines(path: Path, what: str) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path} does not exist")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    text = decode_utf8(path, path.read_bytes())
     lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
     while lines and not lines[-1].strip():
         lines.pop()

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from core.data.features import FeatureError, check_keys, image_id_of, read_npz
+from core.data.features import (FeatureError, image_id_of, image_size, open_fields,
+                                 read_npz)
 
 FORMAT, VERSION = "mmnas-packed-features", 1
 DTYPES = {"float16": "f16", "float32": "f32"}
@@ -145,14 +146,8 @@ def list_sources(src_dirs: list[Path]) -> list[tuple[int, int, Path]]:
 
 def read_shape(path: Path) -> tuple[int, float, float]:
     """(box count, height, width) from the small members only; ``x`` is checked when packed."""
-    try:
-        with np.load(path) as f:
-            check_keys(path, f)
-            boxes, h, w = f["bbox"], float(f["image_h"]), float(f["image_w"])
-    except FeatureError:
-        raise
-    except (OSError, ValueError, EOFError, TypeError) as e:
-        raise FeatureError(f"{path}: not a readable .npz feature file ({e})") from None
+    fields = open_fields(path, ("bbox", "image_h", "image_w"))
+    boxes, (h, w) = fields["bbox"], image_size(path, fields)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise FeatureError(f"{path}: field 'bbox' has shape {list(boxes.shape)}, expected [K, 4]")
     return boxes.shape[0], h, w

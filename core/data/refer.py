@@ -17,7 +17,7 @@ import pickle
 import sys
 from pathlib import Path
 
-from utils.io import atomic_write_json
+from utils.io import atomic_write_json, decode_utf8
 
 SCHEMES = {"refcoco": ("unc", ("train", "val", "testA", "testB")),
            "refcoco+": ("unc", ("train", "val", "testA", "testB")),
@@ -40,6 +40,8 @@ def load_refs(refs_path: Path) -> list[dict]:
         raise ReferError(f"refs file {refs_path} does not exist")
     try:
         refs = _unpickle(refs_path)
+    except ReferError:
+        raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
             ImportError, IndexError, KeyError) as e:
         raise ReferError(f"{refs_path}: not a readable refs pickle ({type(e).__name__}: {e})") \
@@ -51,13 +53,34 @@ def load_refs(refs_path: Path) -> list[dict]:
     return refs
 
 
+class RefsUnpickler(pickle.Unpickler):
+    """Reads only plain data: a pickle may name any function, and plain ``pickle.load`` would
+    call it (e.g. ``os.system``), so every global outside ``SAFE_GLOBALS`` is refused.
+
+    The refer toolkit's files hold lists, dicts, strings and numbers only, which need no
+    global at all; Python 2 wrote sets and the like as ``__builtin__`` globals."""
+
+    SAFE_GLOBALS = {("builtins", n) for n in ("set", "frozenset", "complex")}
+
+    def __init__(self, file, path: Path, **kwargs):
+        super().__init__(file, **kwargs)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module.replace("__builtin__", "builtins"), name) in self.SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise ReferError(f"{self.path}: refused to load the global {module}.{name}: a refs "
+                         f"file holds plain lists, dicts, strings and numbers, and unpickling "
+                         f"a global could run code; is this the refer toolkit's refs file?")
+
+
 def _unpickle(path: Path):
     with open(path, "rb") as f:
         try:
-            return pickle.load(f)
+            return RefsUnpickler(f, path).load()
         except UnicodeDecodeError:
             f.seek(0)
-            return pickle.load(f, encoding="latin1")
+            return RefsUnpickler(f, path, encoding="latin1").load()
 
 
 def _check_ref(path: Path, i: int, ref) -> None:
@@ -98,9 +121,11 @@ def load_instances(raw_dir: Path) -> tuple[dict, dict, dict]:
         raise ReferError(f"COCO instances file {path} does not exist (it comes with the "
                          f"refer toolkit's download, next to the refs file)")
     try:
-        coco = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        coco = json.loads(decode_utf8(path, path.read_bytes()))
+    except json.JSONDecodeError as e:
         raise ReferError(f"{path}: not a valid JSON COCO instances file ({e})") from None
+    except ValueError as e:         # not UTF-8: the message names the byte offset
+        raise ReferError(str(e)) from None
     if not isinstance(coco, dict) or not all(
             isinstance(coco.get(k), list) for k in ("images", "annotations", "categories")):
         raise ReferError(f"{path}: expected a COCO instances dict with 'images', "

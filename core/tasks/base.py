@@ -22,6 +22,8 @@ class Task:
     main_metric = ""              # key of the metric dict that decides "better"
     # (original prefix, our prefix) pairs applied when loading the original's checkpoints
     original_key_prefixes: tuple[tuple[str, str], ...] = ()
+    # (batch key, words) of the list of sample ids every batch carries, for error messages
+    batch_ids: tuple[str, str] = ("", "")
 
     def __init__(self, cfg, log):
         self.cfg, self.log = cfg, log
@@ -53,6 +55,15 @@ class Task:
 
     def build_demo(self, root: Path) -> dict:
         raise NotImplementedError
+
+    def describe_batch(self, batch: dict, shown: int = 64) -> str:
+        """``the batch of question ids [1, 2, ...] (64 in all)``: which samples to inspect."""
+        key, words = self.batch_ids
+        ids = list(batch.get(key, [])) if key else []
+        if not ids:
+            return "a batch"
+        more = f", ... ({len(ids)} in all)" if len(ids) > shown else ""
+        return f"the batch of {words} [{', '.join(str(i) for i in ids[:shown])}{more}]"
 
     # --- model -------------------------------------------------------------------------
     def build_head(self) -> nn.Module:

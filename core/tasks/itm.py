@@ -71,7 +71,7 @@ class ITMDataset(Dataset):
     def __getitem__(self, j):
         i = int(self.caption_image[j])
         img, boxes = self.image(i)
-        item = {"txt": self.tokens[j], "img": img, "boxes": boxes}
+        item = {"txt": self.tokens[j], "img": img, "boxes": boxes, "caption_id": int(j)}
         if self.neg_captions is not None:
             rng = np.random.default_rng([self.seed, self.epoch, j])
             item["neg_txt"] = self.tokens[self.neg_captions[i, rng.integers(self.neg_captions.shape[1])]]
@@ -95,6 +95,7 @@ class ITMTask(Task):
     name = "itm"
     datasets = ("flickr", "demo")
     main_metric = "rsum"
+    batch_ids = ("caption_id", "caption indices (with their negatives)")
     original_key_prefixes = VQATask.original_key_prefixes      # the same head
 
     @property
@@ -166,7 +167,8 @@ class ITMTask(Task):
                 "img": torch.from_numpy(pad_regions(img, self.cfg.IMG_FEAT_SIZE)),
                 "boxes": torch.from_numpy(pad_regions(boxes, 4)),
                 "target": torch.tensor(target),
-                "weight": torch.tensor([pos_weight] * n + [1.0] * (len(target) - n))}
+                "weight": torch.tensor([pos_weight] * n + [1.0] * (len(target) - n)),
+                "caption_id": [s["caption_id"] for s in samples]}
 
     # --- model -------------------------------------------------------------------------
     def build_head(self) -> nn.Module:
