@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.ops import OPS
-from utils.io import atomic_write_text
+from utils.io import atomic_write_text, decode_utf8
 
 
 class ArchError(ValueError):
@@ -60,7 +60,7 @@ def load_arch(path: str | Path, epoch: int, n_enc: int, n_dec: int) -> Arch:
     if not path.is_file():
         raise ArchError(f"architecture file {path} does not exist")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(decode_utf8(path, path.read_bytes()))
     except json.JSONDecodeError as e:
         raise ArchError(f"{path}: not valid JSON ({e})") from None
     key = f"epoch{epoch}"

@@ -448,3 +448,25 @@ def test_python2_protocol0_refs_with_a_set_still_load(raw):
     (raw / "refs(umd).p").write_bytes(data)
     loaded = refer.load_refs(raw / "refs(umd).p")
     assert loaded[0]["tags"] == {"a"} and len(loaded) == 15
+
+
+def test_non_utf8_architecture_file_names_the_file(tmp_path):
+    from core.arch import load_arch
+    arch = tmp_path / "arch.json"
+    arch.write_bytes(b'{"epoch0": {"enc": [["self_att_64"]], "dec": [["guided\xe9"]]}}')
+    with pytest.raises(ValueError, match=rf"{arch}.*byte 0xe9 at byte offset 54 \(line 1\)"):
+        load_arch(arch, 0, 1, 1)
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"the 0.1 0.2 0.3\ncat 0.1 oops 0.3\n", "line 2 ('cat'): expected 3 numbers"),
+    (b"the 0.1 0.2 0.3\ncat 0.1 0.2\n", "line 2 ('cat'): 2 numbers, expected 3"),
+    (b"the 0.1 0.2 0.3\nch\xe2t 0.1 0.2 0.3\n", "line 2: not UTF-8 text (invalid continuation byte at column 3)"),
+])
+def test_broken_glove_file_names_file_and_line(tmp_path, content, words):
+    from core.data.text import word_vectors
+    glove = tmp_path / "glove.txt"
+    glove.write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        word_vectors(f"glove:{glove}", ["the", "cat"], dim=3)
+    assert str(glove) in str(e.value) and words in str(e.value)

@@ -91,16 +91,27 @@ def _glove_vectors(path: str, words: list[str], dim: int) -> np.ndarray:
         raise FileNotFoundError(f"WORD_VECTORS: GloVe file {file} does not exist")
     index = {w: i for i, w in enumerate(words)}
     out = np.zeros((len(words), dim), np.float32)   # words GloVe lacks stay zero, like spaCy
-    with file.open(encoding="utf8") as f:
-        for n, line in enumerate(f, 1):
+    with file.open("rb") as f:        # bytes, so that a bad byte is named with its line
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{file}, line {n}: not UTF-8 text ({e.reason} at column "
+                                 f"{e.start + 1}); expected a GloVe text file") from None
             word, _, rest = line.rstrip("\n").partition(" ")
             if word in index:
-                values = rest.split(" ")
-                if len(values) != dim:
-                    raise ValueError(f"{file}, line {n}: {len(values)} numbers for {word!r}, "
-                                     f"expected {dim}")
-                out[index[word]] = np.asarray(values, np.float32)
+                out[index[word]] = _glove_row(rest, dim, f"{file}, line {n} ({word!r})")
     return out
+
+
+def _glove_row(text: str, dim: int, where: str) -> np.ndarray:
+    values = text.split(" ")
+    if len(values) != dim:
+        raise ValueError(f"{where}: {len(values)} numbers, expected {dim}")
+    try:
+        return np.asarray(values, np.float32)
+    except ValueError:
+        raise ValueError(f"{where}: expected {dim} numbers, got {text[:60]!r}") from None
 
 
 def word_vectors(source: str, words: list[str], dim: int = 300) -> np.ndarray:
