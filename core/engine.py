@@ -132,7 +132,8 @@ def _create_folder(folder: Path, resume: bool) -> None:
             f"run folder {folder} already exists; pass --RESUME to continue it or "
             f"choose another --VERSION (earlier runs are never overwritten)") from None
     except OSError as e:
-        where = f" ({e.filename})" if e.filename and Path(e.filename) != folder else ""
+        blocker = next((p for p in folder.parents if p.exists()), None)
+        where = f" ({blocker} is a file)" if blocker and not blocker.is_dir() else ""
         raise config_mod.ConfigError(f"cannot create the run folder {folder}: "
                                      f"{e.strerror or e}{where}; check --LOG_ROOT") from None
 
