@@ -94,9 +94,16 @@ class Run:
         A damaged newer one (truncated, empty, failing its digest) is logged and skipped;
         rank 0 decides and every rank gets its choice.
         """
-        name = self._newest_intact() if self.main else None
-        name = dist.broadcast(name)
-        return None if name is None else self.folder / name
+        choice = None
+        if self.main:
+            try:
+                choice = ("found", self._newest_intact())
+            except CheckpointError as e:     # every rank stops, none waits for rank 0
+                choice = ("error", str(e))
+        outcome, value = dist.broadcast(choice)
+        if outcome == "error":
+            raise CheckpointError(value)
+        return None if value is None else self.folder / value
 
     def _newest_intact(self) -> str | None:
         if self.removed_tmp:

@@ -84,6 +84,22 @@ def test_damaged_last_checkpoint_falls_back_to_the_one_before(finished, tmp_path
     assert (copy / "last").read_text() == "epoch2.pkl\n"
 
 
+def test_no_intact_checkpoint_left_is_an_error(finished, tmp_path, capsys):
+    copy, argv = copy_run(finished, tmp_path)
+    empty(copy / "epoch2.pkl")
+    flip(copy / "epoch1.pkl")
+    before = files_of(copy)
+    with pytest.raises(SystemExit) as e:
+        main(VQATask, "train", run_train, argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"error: {copy}: no intact checkpoint to resume from (epoch2.pkl, epoch1.pkl damaged, " \
+        f"see above); move them away to start the run from scratch"
+    after = files_of(copy)
+    for name in ("epoch1.pkl", "epoch2.pkl", "last", "metrics.json"):
+        assert after[name] == before[name], name
+
+
 def test_damaged_checkpoint_given_explicitly_is_an_error(finished, tmp_path, capsys):
     bad = tmp_path / "epoch2.pkl"
     shutil.copyfile(finished[0] / "epoch2.pkl", bad)
