@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
+import json
 import os
 import random
+import re
+import socket
 import sys
 import time
 from pathlib import Path
@@ -20,28 +24,37 @@ from core.cli import fail, parse_args, usage, wants_help
 from core.finite import NonFiniteError, assert_finite, grad_problem, loss_problem
 from core.model import Net
 from utils import dist
-from utils.checkpoint import CheckpointError, save_checkpoint
+from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from utils.io import (WriteError, atomic_write_json, atomic_write_text, read_json,
+                      remove_orphan_tmp)
+
+OUTPUTS = ("metrics.json", "arch.json")    # what a run adds to after every epoch
 
 
 class Run:
-    """One run, one folder: ``logs/<task>/<kind>/<version>/`` with config, log, outputs."""
+    """One run, one folder: ``logs/<task>/<kind>/<version>/`` with config, log, outputs.
+
+    Rank 0 holds the folder for the run's life (``.lock``, released by the OS however the
+    process ends) and removes what killed writes left there. Everything a run must keep is
+    in its checkpoints: the files a run adds to after each epoch (``metrics.json``,
+    ``arch.json``: its "outputs") are stored in every checkpoint and rewritten from the one
+    a resumed run starts from, so a resumed run's files equal an uninterrupted run's.
+    """
 
     def __init__(self, folder: Path, resume: bool):
         self.folder, self.main = folder, dist.is_main()
-        if self.main:
-            if folder.exists() and not resume:
-                raise config_mod.ConfigError(
-                    f"run folder {folder} already exists; pass --RESUME to continue it or "
-                    f"choose another --VERSION (earlier runs are never overwritten)")
-            folder.mkdir(parents=True, exist_ok=True)
         self.log_file = folder / "log.txt"
+        self.removed_tmp: list[str] = []
+        if self.main:
+            _create_folder(folder, resume)
+            _hold(folder)
+            self.removed_tmp = remove_orphan_tmp(folder)
 
     def save_config(self, cfg) -> None:
         """Write the resolved ``config.yaml``: at the start of a new run, and for a resume
         only once its checkpoint has loaded, so that a refused or failed resume leaves the
         saved config as it was."""
         if self.main:
-            from utils.io import atomic_write_text
             atomic_write_text(self.folder / "config.yaml", cfg.dump())
 
     def log(self, message: str) -> None:
@@ -49,25 +62,125 @@ class Run:
         if not self.main:
             return
         tqdm.write(message)
-        with self.log_file.open("a") as f:
-            f.write(message + "\n")
+        try:
+            with self.log_file.open("a") as f:
+                f.write(message + "\n")
+        except OSError as e:        # e.g. a full disk: the message is still on the console
+            tqdm.write(f"(could not append this to {self.log_file}: {e.strerror or e})")
 
-    def checkpoint(self, epoch: int, payload: dict) -> Path:
+    def checkpoint(self, epoch: int, payload: dict, outputs: dict | None = None) -> Path:
+        """Write ``epochN.pkl`` (with ``outputs``: file name -> JSON content), then the
+        ``last`` pointer, then the output files."""
         path = self.folder / f"epoch{epoch}.pkl"
         # every rank checks (they hold the same weights), so none waits at the barrier alone
         assert_finite(payload, f"checkpoint {path}")
+        outputs = json.loads(json.dumps(outputs or {}))    # plain JSON types only
         if self.main:
-            save_checkpoint(path, payload)
-            from utils.io import atomic_write_text
+            save_checkpoint(path, {**payload, "outputs": outputs})
             atomic_write_text(self.folder / "last", path.name + "\n")
+            self._write_outputs(outputs)
         dist.barrier()
         return path
 
-    def last_checkpoint(self) -> Path:
-        pointer = self.folder / "last"
-        if not pointer.exists():
-            raise CheckpointError(f"{self.folder}: no checkpoint to resume from (no 'last' file)")
-        return self.folder / pointer.read_text().strip()
+    def restore_outputs(self, ckpt: dict) -> dict:
+        """The outputs stored in ``ckpt``, rewritten into the folder (rank 0). A checkpoint
+        from before outputs were stored in it: the files as they are (entries of later
+        epochs included)."""
+        if "outputs" not in ckpt:
+            return {name: read_json(self.folder / name, "run output") for name in OUTPUTS
+                    if (self.folder / name).is_file()}
+        if self.main:
+            self._write_outputs(ckpt["outputs"])
+        return ckpt["outputs"]
+
+    def _write_outputs(self, outputs: dict) -> None:
+        for name, content in outputs.items():
+            atomic_write_json(self.folder / name, content)
+
+    def last_checkpoint(self) -> Path | None:
+        """The newest intact checkpoint of this folder; None if it has none yet (a run
+        killed before its first checkpoint starts again from scratch).
+
+        A damaged newer one (truncated, empty, failing its digest) is logged and skipped;
+        rank 0 decides and every rank gets its choice.
+        """
+        choice = None
+        if self.main:
+            try:
+                choice = ("found", self._newest_intact())
+            except CheckpointError as e:     # every rank stops, none waits for rank 0
+                choice = ("error", str(e))
+        outcome, value = dist.broadcast(choice)
+        if outcome == "error":
+            raise CheckpointError(value)
+        return None if value is None else self.folder / value
+
+    def _newest_intact(self) -> str | None:
+        if self.removed_tmp:
+            self.log(f"removed {len(self.removed_tmp)} unfinished temporary file(s) of an "
+                     f"interrupted write: {', '.join(self.removed_tmp)}")
+        found = sorted((int(m[1]), p) for p in self.folder.glob("epoch*.pkl")
+                       if (m := re.fullmatch(r"epoch(\d+)\.pkl", p.name)))
+        if not found:
+            self.log(f"{self.folder} has no checkpoint yet: starting the run from scratch")
+            return None
+        damaged = []
+        for _, path in reversed(found):
+            try:
+                load_checkpoint(path)
+            except CheckpointError as e:
+                damaged.append(path.name)
+                self.log(f"warning: {e}")
+                continue
+            if damaged:
+                self.log(f"warning: resuming from {path.name}, the newest intact checkpoint "
+                         f"({', '.join(damaged)} damaged: not used)")
+            return path.name
+        raise CheckpointError(f"{self.folder}: no intact checkpoint to resume from "
+                              f"({', '.join(damaged)} damaged, see above); move them away to "
+                              f"start the run from scratch")
+
+
+def _create_folder(folder: Path, resume: bool) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=resume)
+    except FileExistsError:
+        raise config_mod.ConfigError(
+            f"run folder {folder} already exists; pass --RESUME to continue it or "
+            f"choose another --VERSION (earlier runs are never overwritten)") from None
+    except OSError as e:
+        blocker = next((p for p in folder.parents if p.exists()), None)
+        where = f" ({blocker} is a file)" if blocker and not blocker.is_dir() else ""
+        raise config_mod.ConfigError(f"cannot create the run folder {folder}: "
+                                     f"{e.strerror or e}{where}; check --LOG_ROOT") from None
+
+
+_HELD: dict[Path, object] = {}     # folder -> its open lock file, for this process's life
+
+
+def _hold(folder: Path) -> None:
+    """Lock ``folder`` for this process (flock: a killed process never leaves it locked);
+    another process holding it is an error naming it and its PID. Holding it again in the
+    same process (tests run several runs of one folder) is allowed."""
+    key = folder.resolve()
+    if key in _HELD:
+        return
+    lock = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown PID"
+        lock.close()
+        raise config_mod.ConfigError(
+            f"run folder {folder} is in use by another run (process {holder}); two runs "
+            f"of one folder would overwrite each other's files: wait for it to end or "
+            f"stop it") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    _HELD[key] = lock
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -75,7 +188,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from core.arch import ArchError
     from core.data.features import FeatureError
     return (config_mod.ConfigError, CheckpointError, ArchError, FeatureError,
-            FileNotFoundError, ValueError)
+            FileNotFoundError, ValueError, WriteError)
 
 
 def main(task_cls, kind: str, runner, argv: list[str] | None = None) -> None:

@@ -15,7 +15,6 @@ import torch
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from core.arch import save_arch
 from core.engine import (autocast, build_net, device_of, ensure_data, evaluate, format_metrics,
                          grad_scaler, loader, stopped_message, to_device, weight_step)
 from core.mixed import Architect, mixed_ops, weight_parameters
@@ -58,9 +57,9 @@ def run_search(cfg, task, run) -> dict:
         with autocast(cfg, device):
             return task.loss(net(batch), batch)
 
-    start_epoch, step = 0, 0
+    start_epoch, step, archs = 0, 0, {}     # archs: the content of arch.json
     if cfg.RESUME:
-        start_epoch, step = _resume(run, net, optim, architect, path_gen, task)
+        start_epoch, step, archs = _resume(run, net, optim, architect, path_gen, task)
         run.save_config(cfg)            # the resumed run's config, now that it has loaded
     elif cfg.CKPT_PATH:
         warm_start(net, cfg.CKPT_PATH, task, run.log)
@@ -95,13 +94,13 @@ def run_search(cfg, task, run) -> dict:
                                lambda problem: stopped_message(where, problem, task, arch_batch))
             bar.set_postfix(loss=f"{total / n:.4f}", lr=f"{lr:.2e}")
         arch = current_arch(net.backbone)
+        archs[f"epoch{epoch + 1}"] = arch.to_json()
         ckpt = run.checkpoint(epoch + 1, {
             "kind": "search", "task": task.name, "config": cfg.to_dict(),
             "arch": arch.to_json(), "meta": task.model_meta(), "epoch": epoch + 1,
             "step": step, "state_dict": net.state_dict(), "net_optim": optim.state_dict(),
-            "arch_optim": architect.optim.state_dict(), "rng": rng_state(path_gen)})
-        if dist.is_main():
-            save_arch(arch_file, epoch + 1, arch)
+            "arch_optim": architect.optim.state_dict(), "rng": rng_state(path_gen)},
+            outputs={arch_file.name: archs})
         run.log(f"epoch {epoch + 1}: loss {total / max(n, 1):.4f}, lr {lr:.2e}, "
                 f"{n / (time.time() - t0):.1f} samples/s; checkpoint {ckpt.name}; "
                 f"architecture 'epoch{epoch + 1}' -> {arch_file}")
@@ -161,8 +160,12 @@ def warm_start(net, path, task, log) -> None:
     log(f"warm start: supernet weights and architecture logits loaded from {path}")
 
 
-def _resume(run, net, optim, architect, path_gen, task) -> tuple[int, int]:
+def _resume(run, net, optim, architect, path_gen, task) -> tuple[int, int, dict]:
+    """(epoch, step, arch.json content) of the newest intact checkpoint; a folder without
+    one (killed before its first checkpoint) starts from scratch."""
     path = run.last_checkpoint()
+    if path is None:
+        return 0, 0, {}
     ckpt = load_checkpoint(path)
     note = check_vocabularies(ckpt, task.model_meta(), str(path))
     if note:
@@ -171,5 +174,6 @@ def _resume(run, net, optim, architect, path_gen, task) -> tuple[int, int]:
     optim.load_state_dict(ckpt["net_optim"])
     architect.optim.load_state_dict(ckpt["arch_optim"])
     set_rng_state(ckpt["rng"], path_gen)
+    archs = run.restore_outputs(ckpt).get("arch.json", {})
     run.log(f"resumed from {path}: epoch {ckpt['epoch']}, step {ckpt['step']}")
-    return ckpt["epoch"], ckpt["step"]
+    return ckpt["epoch"], ckpt["step"], archs

@@ -23,7 +23,7 @@ def run_train(cfg, task, run) -> dict:
     device = device_of(cfg, run.log)
     ensure_data(cfg, task, run.log)
     task.prepare()
-    ckpt_path = _checkpoint_to_load(cfg, run)
+    ckpt_path, continues = _checkpoint_to_load(cfg, run)
     ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
     if ckpt is not None:
         note = check_vocabularies(ckpt, task.model_meta(), str(ckpt_path))
@@ -37,7 +37,7 @@ def run_train(cfg, task, run) -> dict:
         load_weights(net, ckpt["state_dict"], str(ckpt_path), task.original_key_prefixes)
         run.log(f"weights loaded from {ckpt_path}")
     if cfg.RUN_MODE == "train":
-        return _train(cfg, task, run, net, arch, ckpt if cfg.RESUME else None, device)
+        return _train(cfg, task, run, net, arch, ckpt if continues else None, device)
     if ckpt is None:
         run.log(f"warning: --RUN={cfg.RUN_MODE} without --CKPT_PATH evaluates untrained weights")
     splits = cfg.EVAL_SPLIT if cfg.RUN_MODE == "val" else cfg.TEST_SPLIT
@@ -54,10 +54,23 @@ def run_train(cfg, task, run) -> dict:
     return results
 
 
-def _checkpoint_to_load(cfg, run) -> Path | None:
-    if cfg.RESUME and not cfg.CKPT_PATH:
-        return run.last_checkpoint()
-    return Path(cfg.CKPT_PATH) if cfg.CKPT_PATH else None
+def _checkpoint_to_load(cfg, run) -> tuple[Path | None, bool]:
+    """(checkpoint, whether the run continues from it).
+
+    ``--RESUME`` continues from the run folder's newest intact checkpoint, or from
+    ``--CKPT_PATH`` when that names one of the folder's own checkpoints. Any other
+    ``CKPT_PATH`` (saved in config.yaml) holds the weights the run started from: a resume
+    must not go back to them, unless the folder has no checkpoint yet (killed before its
+    first), in which case the run starts again from them.
+    """
+    given = Path(cfg.CKPT_PATH) if cfg.CKPT_PATH else None
+    if cfg.RESUME:
+        if given is not None and given.resolve().parent == run.folder.resolve():
+            return given, True
+        last = run.last_checkpoint()
+        if last is not None:
+            return last, True
+    return given, False
 
 
 def _architecture(cfg, ckpt, ckpt_path) -> Arch:
@@ -77,12 +90,14 @@ def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
     scaler = grad_scaler(cfg, device)
     optim = torch.optim.Adam(params, lr=cfg.LR_BASE, betas=tuple(cfg.OPT_BETAS),
                              eps=cfg.OPT_EPS)
-    start_epoch, step = 0, 0
+    start_epoch, step, history = 0, 0, []
     if resume_ckpt is not None:
         optim.load_state_dict(resume_ckpt["net_optim"])
         if "rng" in resume_ckpt:
             set_rng_state(resume_ckpt["rng"])
         start_epoch, step = resume_ckpt["epoch"], resume_ckpt.get("step", 0)
+        history = [r for r in run.restore_outputs(resume_ckpt).get("metrics.json", [])
+                   if r["epoch"] <= start_epoch]
         run.log(f"resuming after epoch {start_epoch}")
         run.save_config(cfg)            # the resumed run's config, now that it has loaded
     train_set = task.dataset(cfg.TRAIN_SPLIT)
@@ -95,7 +110,7 @@ def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
         if baseline:
             run.log(f"baseline on {split}: {format_metrics(baseline)}")
     run.log(f"training on {cfg.TRAIN_SPLIT}: {len(train_set)} samples")
-    history, metrics = [], {}
+    metrics = history[-1][next(iter(eval_sets))] if history and eval_sets else {}
     for epoch in range(start_epoch, cfg.MAX_EPOCH):
         lr = lr_at(epoch, cfg.LR_BASE, cfg.LR_WARMUP_EPOCHS, cfg.LR_DECAY_EPOCHS,
                    cfg.LR_DECAY_RATE)
@@ -114,21 +129,21 @@ def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
             n += len(batch["txt"])
             step += 1
             bar.set_postfix(loss=f"{total / n:.4f}", lr=f"{lr:.2e}")
-        ckpt = run.checkpoint(epoch + 1, {
-            "kind": "train", "task": task.name, "config": cfg.to_dict(),
-            "arch": arch.to_json(), "meta": task.model_meta(), "epoch": epoch + 1,
-            "step": step, "state_dict": net.state_dict(), "net_optim": optim.state_dict(),
-            "rng": rng_state()})
         run.log(f"epoch {epoch + 1}: loss {total / max(n, 1):.4f}, lr {lr:.2e}, "
-                f"{n / (time.time() - t0):.1f} samples/s; checkpoint {ckpt.name}")
+                f"{n / (time.time() - t0):.1f} samples/s")
+        # Evaluate before the checkpoint, so that it holds the history up to this epoch.
         if eval_sets:
             record = {"epoch": epoch + 1}
             for split, dataset in eval_sets.items():
                 record[split], _ = evaluate(net, task, dataset, cfg, device, desc=split)
                 run.log(f"epoch {epoch + 1}: {split} {format_metrics(record[split])}")
             history.append(record)
-            if dist.is_main():
-                atomic_write_json(run.folder / "metrics.json", history)
             metrics = record[next(iter(eval_sets))]
+        ckpt = run.checkpoint(epoch + 1, {
+            "kind": "train", "task": task.name, "config": cfg.to_dict(),
+            "arch": arch.to_json(), "meta": task.model_meta(), "epoch": epoch + 1,
+            "step": step, "state_dict": net.state_dict(), "net_optim": optim.state_dict(),
+            "rng": rng_state()}, outputs={"metrics.json": history} if eval_sets else {})
+        run.log(f"epoch {epoch + 1}: checkpoint {ckpt.name}")
     run.log(f"training finished: checkpoints in {run.folder}")
     return metrics

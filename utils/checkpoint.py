@@ -6,9 +6,14 @@ Ours are self-describing: ``{'format', 'kind', 'task', 'config', 'arch', 'meta',
 with ``module.``, block ``i`` of the encoder is ``backnone.cells_enc.0.dag.<i>.0.`` (sic), the
 relation linear and the task heads sit at the top level under their own names.
 ``map_original_keys`` turns those names into ours (the table is in pretrained_models.md).
+
+Ours also carry ``'sha256'``, a digest of everything else in them, checked on loading: a
+truncated or damaged file is an error, never weights that crash (or mislead) later. Files
+without it (the original's, ours from before) load unchecked.
 """
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from pathlib import Path
@@ -27,20 +32,70 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | Path, payload: dict) -> None:
-    atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **payload}, tmp))
+    """Write ``payload`` (+ format and digest) atomically; a failed write raises
+    ``utils.io.WriteError`` naming ``path`` and leaves any earlier file there untouched."""
+    full = {"format": FORMAT, **payload}
+    full["sha256"] = payload_digest(full)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:      # a file object: a full disk raises OSError(ENOSPC)
+            torch.save(full, f)
+
+    atomic_write(path, write)
 
 
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes; an interrupted copy or write?)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a bad file
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({e})") from None
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint, truncated or "
+                              f"damaged? ({e})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: expected a dict with a 'state_dict' entry")
+    if "sha256" in ckpt:
+        stored = ckpt.pop("sha256")
+        if stored != payload_digest(ckpt):
+            raise CheckpointError(f"{path}: damaged: its contents do not match the sha256 "
+                                  f"digest stored in it")
     return ckpt
+
+
+def payload_digest(payload: dict) -> str:
+    """sha256 of a canonical serialisation of ``payload`` without its ``'sha256'`` entry:
+    tensors by dtype, shape and bytes, containers and scalars by type and value."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k != "sha256"})
+    return h.hexdigest()
+
+
+def _feed(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}:".encode())
+        h.update(t.view(torch.uint8).numpy().data)
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}:".encode())
+        for key, value in obj.items():
+            _feed(h, key)
+            _feed(h, value)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}:".encode())
+        for value in obj:
+            _feed(h, value)
+    elif isinstance(obj, str):
+        data = obj.encode("utf-8", "surrogatepass")
+        h.update(f"S{len(data)}:".encode() + data)
+    elif isinstance(obj, bytes):
+        h.update(f"B{len(obj)}:".encode() + obj)
+    elif obj is None or isinstance(obj, (bool, int, float)):
+        h.update(f"{type(obj).__name__}{obj!r};".encode())
+    else:   # nothing else loads with weights_only=True anyway
+        raise TypeError(f"checkpoint entry of type {type(obj).__name__} cannot be digested")
 
 
 # Top-level modules of the original's networks (full_*.py, hygr_*.py) whose names differ

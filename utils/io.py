@@ -2,26 +2,79 @@
 from __future__ import annotations
 
 import codecs
+import errno
 import json
 import os
-import tempfile
+import re
+import secrets
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+# ``.<name>.<8 hex digits>.tmp``: the temporary file of an unfinished atomic write.
+TMP_NAME = re.compile(r"\..+\.[0-9a-z_]{8}\.tmp")
+
+
+class WriteError(Exception):
+    """A file could not be written (disk full, no permission): names the file and why."""
+
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file over ``path``."""
+    """Call ``write(tmp_path)`` then rename the temporary file over ``path``.
+
+    On any failure the temporary file is removed and ``path`` is left as it was; an
+    ``OSError`` becomes a ``WriteError`` naming ``path``. Only a killed process leaves its
+    temporary file behind (``remove_orphan_tmp`` cleans those up).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
-        write(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _new_tmp(path)
+        write(str(tmp))
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except BaseException as e:
+        if tmp is not None and tmp.exists():
+            tmp.unlink()
+        if isinstance(e, OSError):
+            raise WriteError(f"cannot write {path}: {_reason(e, path)}") from None
         raise
+
+
+def _new_tmp(path: Path) -> Path:
+    """An empty, new temporary file next to ``path``, created with the user's umask (a
+    ``tempfile.mkstemp`` file is 0600: other users and ranks could not read the result)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _reason(e: OSError, path: Path) -> str:
+    reason = e.strerror or str(e)
+    if e.errno == errno.ENOSPC:
+        try:
+            free = shutil.disk_usage(path.parent).free
+            reason += f" ({free / 2**20:.1f} MiB free on that disk)"
+        except OSError:
+            pass
+    return reason
+
+
+def remove_orphan_tmp(folder: str | Path) -> list[str]:
+    """Delete the temporary files that killed writes left in ``folder``; their names.
+
+    Call it only while holding the folder (no other process may be writing there).
+    """
+    removed = []
+    for p in sorted(Path(folder).glob(".*.tmp")):
+        if TMP_NAME.fullmatch(p.name) and p.is_file():
+            p.unlink()
+            removed.append(p.name)
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
