@@ -234,10 +234,14 @@ class Config:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(self._values)
+        """The run's settings, as config.yaml and checkpoints keep them. RESUME says how a
+        command continues the run, not what the run is: a resumed run's files equal those
+        of the uninterrupted one."""
+        return {**copy.deepcopy(self._values), "RESUME": False}
 
     def dump(self) -> str:
-        return yaml.safe_dump(self._values, sort_keys=False, default_flow_style=None)
+        """config.yaml: the run's settings (``to_dict``)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
     def eval_batch_size(self) -> int:
         return self.EVAL_BATCH_SIZE or self.BATCH_SIZE

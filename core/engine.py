@@ -300,6 +300,8 @@ def _resumed_config(cfg, kind: str, mode: str, overrides: dict):
     if not folder.is_dir():
         raise config_mod.ConfigError(f"--RESUME: run folder {folder} does not exist; expected "
                                      f"the --VERSION (and --LOG_ROOT) of an earlier run")
+    if not saved_file.is_file() and not any(folder.glob("epoch*.pkl")):
+        return cfg      # killed before it wrote anything: the run starts again, as asked now
     if not saved_file.is_file():
         raise config_mod.ConfigError(f"--RESUME: {saved_file} does not exist, so {folder} holds "
                                      f"no run to continue; start it afresh under another "

@@ -36,6 +36,8 @@ def run_train(cfg, task, run) -> dict:
     if ckpt is not None:
         load_weights(net, ckpt["state_dict"], str(ckpt_path), task.original_key_prefixes)
         run.log(f"weights loaded from {ckpt_path}")
+    if cfg.RESUME:
+        run.save_config(cfg)            # the resumed run's config, now that it has loaded
     if cfg.RUN_MODE == "train":
         return _train(cfg, task, run, net, arch, ckpt if continues else None, device)
     if ckpt is None:
@@ -99,7 +101,6 @@ def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
         history = [r for r in run.restore_outputs(resume_ckpt).get("metrics.json", [])
                    if r["epoch"] <= start_epoch]
         run.log(f"resuming after epoch {start_epoch}")
-        run.save_config(cfg)            # the resumed run's config, now that it has loaded
     train_set = task.dataset(cfg.TRAIN_SPLIT)
     eval_sets = {}
     if cfg.EVAL_EVERY_EPOCH:

@@ -146,21 +146,31 @@ def test_resume_of_no_run_or_with_a_bad_value(saved_run, capsys, flags, words):
 def test_resume_of_a_folder_without_config_yaml(saved_run, capsys):
     common, folder = saved_run
     (folder / "config.yaml").unlink()
+    (folder / "epoch1.pkl").write_bytes(b"a checkpoint of a config nobody knows")
     before = folder_bytes(folder)
     err = refused(capsys, "train_vqa", common + ["--RESUME"])
     assert f"--RESUME: {folder / 'config.yaml'} does not exist" in err
     assert folder_bytes(folder) == before
 
 
-def test_resume_without_checkpoint_keeps_the_config(vqa_val_root, capsys):
+def test_resume_of_a_folder_killed_before_it_wrote_anything_starts_it(saved_run):
+    common, folder = saved_run
+    (folder / "config.yaml").unlink()
+    cfg, run, _ = start(VQATask, "train", common + ["--SEED=5", "--RESUME"])
+    assert cfg.SEED == 5 and cfg.RESUME and run.folder == folder    # the runner saves it
+
+
+def test_failed_resume_keeps_the_config(vqa_val_root, capsys):
     root, _ = vqa_val_root
     common = [f"--DATA_ROOT={root}", f"--LOG_ROOT={root / 'logs'}", "--WORD_VECTORS=hash",
               "--VERSION=r", "--ARCH_PATH=arch/mcan.json"]
     start(VQATask, "train", common + ["--SEED=3"])
-    saved = (root / "logs" / "vqa" / "train" / "r" / "config.yaml").read_bytes()
+    folder = root / "logs" / "vqa" / "train" / "r"
+    (folder / "epoch1.pkl").write_bytes(b"")            # the only checkpoint, damaged
+    saved = (folder / "config.yaml").read_bytes()
     err = refused(capsys, "train_vqa", common + ["--RESUME", "--MAX_EPOCH=20"],
                   runner=run_train)
-    assert "no checkpoint to resume from" in err
+    assert "epoch1.pkl" in err
     assert (root / "logs" / "vqa" / "train" / "r" / "config.yaml").read_bytes() == saved
 
 
@@ -177,7 +187,7 @@ def test_resume_with_a_larger_max_epoch_continues_and_records_it(vqa_val_root, c
     cfg, run, task = start(VQATask, "search", tiny + ["--MAX_EPOCH=2", "--RESUME"])
     run_search(cfg, task, run)
     saved = yaml.safe_load((run.folder / "config.yaml").read_text())
-    assert saved["MAX_EPOCH"] == 2 and saved["RESUME"] is True
+    assert saved["MAX_EPOCH"] == 2 and saved["RESUME"] is False     # a setting of the command, not the run
     assert {k: v for k, v in saved.items() if k not in ("MAX_EPOCH", "RESUME")} == \
         {k: v for k, v in first.items() if k not in ("MAX_EPOCH", "RESUME")}
     assert torch.load(run.folder / "epoch2.pkl", weights_only=True)["epoch"] == 2
