@@ -9,9 +9,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+import torch
 
 from runkit import REPO, assert_same_run, build_data, search_flags, train_flags
 
@@ -68,6 +68,11 @@ def test_killed_and_resumed_run_has_the_uninterrupted_runs_files(killed_and_stra
     output = json.loads((resumed / ("arch.json" if kind == "search" else "metrics.json"))
                         .read_text())
     assert len(output) == 2                      # both epochs, none lost to a kill
+    if kind == "search":        # the architecture moved, so equal alphas mean something
+        one, two = (torch.load(resumed / f"epoch{e}.pkl", weights_only=True)["state_dict"]
+                    for e in (1, 2))
+        alphas = [k for k in two if k.endswith("alpha")]
+        assert alphas and any(not torch.equal(one[k], two[k]) for k in alphas)
     log = (resumed / "log.txt").read_text()
     assert f"{resumed} has no checkpoint yet: starting the run from scratch" in log
     assert "unfinished temporary file(s) of an interrupted write: .epoch" in log
