@@ -195,6 +195,14 @@ def test_folder_with_other_files_is_refused(coco):
         pack(dirs_of(root), root / "val2014", progress=False)
 
 
+def test_folder_without_feature_files_names_the_patterns_looked_for(tmp_path):
+    (tmp_path / "flickr").mkdir()
+    (tmp_path / "flickr" / "README.txt").write_text("no features here")
+    with pytest.raises(FeatureError, match=r"no feature files named by an image id \('<id>.npz', "
+                       r"'<id>.jpg.npz' or '\*_<id>.jpg.npz'\) in .*flickr"):
+        pack([tmp_path / "flickr"], tmp_path / "store", progress=False)
+
+
 @pytest.mark.parametrize("broken", ["x", "bbox", "key"])
 def test_bad_source_file_is_named(coco, npz_writer, broken, capsys):
     root, _ = coco

@@ -139,7 +139,8 @@ def list_sources(src_dirs: list[Path]) -> list[tuple[int, int, Path]]:
                                    f"{entry.path}; remove one before packing")
             found[iid] = (s, Path(entry.path))
     if not found:
-        raise FeatureError(f"no '*_<image id>.jpg.npz' feature files in "
+        raise FeatureError(f"no feature files named by an image id ('<id>.npz', "
+                           f"'<id>.jpg.npz' or '*_<id>.jpg.npz') in "
                            f"{', '.join(map(str, src_dirs))}")
     return [(iid, s, p) for iid, (s, p) in sorted(found.items())]
 
