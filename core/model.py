@@ -1,8 +1,7 @@
 """Backbone (encoder over text, decoder over image regions) and the network around it.
 
 The same ``Backbone`` class holds fixed operators (a trained architecture) or ``MixedOp``
-blocks (the search supernet); ``convert_supernet_state`` turns a supernet's weights into the
-fixed network of an architecture (ProxylessNAS's ``convert_to_normal_net``).
+blocks (the search supernet).
 """
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from torch import nn
 
 from core.arch import Arch
 from core.mixed import MixedOp
-from core.ops import OpSpec, build_op, op_uses_rel
+from core.ops import OpSpec, build_op
 from core.relations import image_relation, text_relation
 
 
@@ -160,35 +159,3 @@ def current_arch(backbone: Backbone) -> Arch:
         return tuple(b.names[int(b.alpha.argmax())] for b in blocks)
     return Arch(pick(backbone.enc_list), pick(backbone.dec_list))
 
-
-def convert_supernet_state(state: dict, backbone: Backbone, arch: Arch) -> dict:
-    """Weights of a supernet -> weights of the fixed network of ``arch``.
-
-    ``...enc_list.3.candidate_ops.k.<rest>`` -> ``...enc_list.3.<rest>`` for the chosen
-    candidate k (read from the supernet ``backbone``); other candidates and alphas are
-    dropped (ProxylessNAS's ``convert_to_normal_net``, on state dicts).
-    """
-    chosen = {}
-    for side in ("enc", "dec"):
-        for i, (block, op) in enumerate(zip(getattr(backbone, f"{side}_list"),
-                                            getattr(arch, side))):
-            if op not in block.names:
-                raise ValueError(f"{side}[{i}]: op {op!r} is not a candidate of the supernet "
-                                 f"({', '.join(block.names)})")
-            chosen[f"{side}_list.{i}."] = block.names.index(op)
-    unused = [f"backbone.linear_rel_{m}." for m, side in (("txt", "enc"), ("img", "dec"))
-              if not arch.uses(side, op_uses_rel)]
-    out = {}
-    for key, value in state.items():
-        marker = ".candidate_ops."
-        if key.endswith(".alpha") or any(key.startswith(u) for u in unused):
-            continue
-        if marker in key:
-            head, rest = key.split(marker, 1)
-            k, rest = rest.split(".", 1)
-            block = head.rsplit("backbone.", 1)[-1] + "."
-            if int(k) != chosen[block]:
-                continue
-            key = f"{head}.{rest}"
-        out[key] = value
-    return out

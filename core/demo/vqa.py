@@ -68,19 +68,13 @@ _LICENSE = {"url": "http://creativecommons.org/licenses/by/4.0/",
 # --------------------------------------------------------------------------- answer normalisation
 
 
-# The official normalisation and per-question accuracy (utils/vqa_eval.py), under the
-# names this module's callers use.
-normalize_answer = normalize_result_answer
-vqa_accuracy = question_accuracy
-
-
 def majority_baseline(train_annotations: list[dict], val_annotations: list[dict]) -> tuple[str, float]:
     """Most frequent train ``multiple_choice_answer`` and its val accuracy in percent."""
     counts = collections.Counter(a["multiple_choice_answer"] for a in train_annotations)
     answer = min(counts, key=lambda a: (-counts[a], a))
     if not val_annotations:
         return answer, 0.0
-    accs = [vqa_accuracy(answer, [x["answer"] for x in a["answers"]]) for a in val_annotations]
+    accs = [question_accuracy(answer, [x["answer"] for x in a["answers"]]) for a in val_annotations]
     return answer, 100.0 * sum(accs) / len(accs)
 
 
@@ -336,7 +330,7 @@ def annotate(truth: str, rng) -> tuple[list[dict], str]:
             text = _raw_variant(truth, rng) if sloppy[i] < 0.08 else truth
             conf = "yes" if conf_u[i] < 0.9 else ("maybe" if conf_u[i] < 0.98 else "no")
         answers.append({"answer": text, "answer_confidence": conf, "answer_id": i + 1})
-    counts = collections.Counter(normalize_answer(a["answer"]) for a in answers)
+    counts = collections.Counter(normalize_result_answer(a["answer"]) for a in answers)
     best = max(counts.values())
     mc = truth if counts[truth] == best else min(a for a, c in counts.items() if c == best)
     return answers, mc

@@ -19,7 +19,6 @@ from utils.checkpoint import CheckpointError
 class Task:
     name = ""
     datasets: tuple[str, ...] = ()   # values of --DATASET; 'demo' is the embedded synthetic one
-    main_metric = ""              # key of the metric dict that decides "better"
     # (original prefix, our prefix) pairs applied when loading the original's checkpoints
     original_key_prefixes: tuple[tuple[str, str], ...] = ()
     # (batch key, words) of the list of sample ids every batch carries, for error messages

@@ -94,7 +94,6 @@ class ITMHead(VQAHead):
 class ITMTask(Task):
     name = "itm"
     datasets = ("flickr", "demo")
-    main_metric = "rsum"
     batch_ids = ("caption_id", "caption indices (with their negatives)")
     original_key_prefixes = VQATask.original_key_prefixes      # the same head
 

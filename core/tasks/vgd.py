@@ -75,7 +75,6 @@ class VGDHead(nn.Module):
 class VGDTask(Task):
     name = "vgd"
     datasets = tuple(SPLITS)
-    main_metric = "acc"
     batch_ids = ("sent_id", "sent ids")
     # full_vgd.py: x is the text (encoder), y the image regions (decoder)
     original_key_prefixes = (("attflat_x.", "head.attflat_lang."),

@@ -88,7 +88,6 @@ class VQAHead(nn.Module):
 class VQATask(Task):
     name = "vqa"
     datasets = ("vqa", "demo")
-    main_metric = "overall"
     batch_ids = ("qid", "question ids")
     # full_vqa.py: x is the text (encoder), y the image regions (decoder)
     original_key_prefixes = (("attflat_x.", "head.attflat_lang."),
