@@ -33,8 +33,10 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from core.data.features import NpzFeatures, pad_regions  # noqa: E402
-from core.data.packed import PackedFeatures, pack  # noqa: E402
+from core.data.features import pad_regions  # noqa: E402
+from core.data.npz import NpzFeatures  # noqa: E402
+from core.data.pack import pack  # noqa: E402
+from core.data.packed import PackedFeatures  # noqa: E402
 from core.demo.scenes import make_scene, write_feature_file  # noqa: E402
 
 MAX_REGIONS = 100

@@ -186,7 +186,7 @@ def _hold(folder: Path) -> None:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean "your input is wrong": shown as one line, not a traceback."""
     from core.arch import ArchError
-    from core.data.features import FeatureError
+    from core.data.npz import FeatureError
     return (config_mod.ConfigError, CheckpointError, ArchError, FeatureError,
             FileNotFoundError, ValueError, WriteError)
 

@@ -11,7 +11,7 @@ import torch
 
 from core.arch import ArchError, load_arch
 from core.config import resolve
-from core.data.features import FeatureError, NpzFeatures, read_npz
+from core.data.npz import FeatureError, NpzFeatures, read_npz
 from core.model import Net, fixed_backbone
 from core.tasks.vqa import VQAHead
 from utils.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint

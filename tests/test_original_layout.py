@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REAL_VQA, VAL_ANNOTATIONS, VAL_IMAGE_IDS, VAL_QUESTIONS, write_npz
 from core.config import ConfigError, resolve
-from core.data.features import FeatureError
+from core.data.npz import FeatureError
 from core.engine import start
 from core.tasks.itm import ITMTask
 from core.tasks.vgd import VGDTask

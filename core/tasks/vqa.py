@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from core.config import REPO
-from core.data.features import COCO_FEATURE_NAMES, open_features, pad_regions
+from core.data.features import open_features, pad_regions
+from core.data.npz import COCO_FEATURE_NAMES
 from core.data.text import cached_vocab_and_vectors, encode, files_stamp
 from core.model import AttFlat
 from core.ops import LayerNorm
