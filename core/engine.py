@@ -23,6 +23,7 @@ from core import config as config_mod
 from core.cli import fail, parse_args, usage, wants_help
 from core.finite import NonFiniteError, assert_finite, grad_problem, loss_problem
 from core.model import Net
+from core.tasks.base import DEMO_BUILDERS
 from utils import dist
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.io import (WriteError, atomic_write_json, atomic_write_text, read_json,
@@ -336,7 +337,11 @@ def ensure_data(cfg, task, log) -> None:
     """``--DATASET=demo``: build the embedded synthetic data once (seconds)."""
     if cfg.DATASET == "demo":
         t = time.time()
-        stats = task.build_demo(Path(cfg.DATA_ROOT))
+        build = DEMO_BUILDERS.get(task.name)
+        if build is None:
+            raise ValueError(f"--DATASET=demo: no demo data builder registered for task "
+                             f"'{task.name}' (import the demo package first, as the scripts do)")
+        stats = build(Path(cfg.DATA_ROOT))
         log(f"demo data in {cfg.DATA_ROOT} ready ({time.time() - t:.1f} s): "
             f"{ {k: v for k, v in stats.items() if not isinstance(v, dict)} }")
 

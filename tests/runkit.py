@@ -32,7 +32,7 @@ ARCH = {"epoch1": {"enc": [["self_att_64"]], "dec": [["rel_self_att_64"], ["guid
 
 def build_data(base: Path) -> list[str]:
     """The data and the flags of a tiny run (2 epochs of 4 steps) on it."""
-    from core.demo.vqa import build_vqa_demo
+    from demo.vqa import build_vqa_demo
     build_vqa_demo(base / "data", seed=0, sizes=DATA_SIZES)
     (base / "arch.json").write_text(json.dumps(ARCH))
     return ["--DATASET=vqa", f"--DATA_ROOT={base / 'data'}", f"--LOG_ROOT={base / 'logs'}",

@@ -1,4 +1,4 @@
-"""Tests for the embedded synthetic VQA demo (core/demo/scenes.py, core/demo/vqa.py)."""
+"""Tests for the embedded synthetic VQA demo (demo/scenes.py, demo/vqa.py)."""
 
 import json
 import re
@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from core.demo import scenes as sc
-from core.demo import vqa
+from demo import scenes as sc
+from demo import vqa
 from utils.vqa_eval import normalize_result_answer, question_accuracy
 from demokit import assert_same_files
 
@@ -156,7 +156,7 @@ def test_marker_short_circuits_and_is_written_last(tmp_path, monkeypatch):
         raise AssertionError("rebuilt although the marker matched")
 
     monkeypatch.setattr(vqa.sc, "write_feature_file", fail)
-    monkeypatch.setattr(vqa, "write_json", fail)
+    monkeypatch.setattr(vqa, "atomic_write_json", fail)
     assert vqa.build_vqa_demo(tmp_path, seed=1, sizes=small) == stats
     with pytest.raises(AssertionError):  # another seed must rebuild
         vqa.build_vqa_demo(tmp_path, seed=2, sizes=small)

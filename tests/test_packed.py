@@ -14,7 +14,7 @@ from core.data.features import open_features
 from core.data.npz import FeatureError, NpzFeatures
 from core.data.pack import pack
 from core.data.packed import PackedFeatures
-from core.demo.scenes import make_scenes, write_feature_file
+from demo.scenes import make_scenes, write_feature_file
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_IDS = [3, 9, 25, 30, 42, 57, 61, 77, 80, 94, 100]

@@ -1,4 +1,4 @@
-"""The task seam: everything a task differs in — data, head, loss, metric, demo data.
+"""The task seam: everything a task differs in — data, head, loss, metric.
 
 The engine (search and train loops, checkpoints, run folder) asks a task these questions
 and nothing else; it knows nothing about questions, boxes or captions.
@@ -6,6 +6,7 @@ and nothing else; it knows nothing about questions, boxes or captions.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -14,6 +15,12 @@ from torch.utils.data import Dataset, Subset
 from core.data.text import vocab_words
 from utils import dist
 from utils.checkpoint import CheckpointError
+
+
+# task name -> ``build(root) -> stats``: writes the task's embedded synthetic data under
+# ``root`` (``--DATASET=demo``). The top-level ``demo`` package registers its builders here
+# when imported (the scripts import it), so core never imports the demo.
+DEMO_BUILDERS: dict[str, Callable[[Path], dict]] = {}
 
 
 class Task:
@@ -50,9 +57,6 @@ class Task:
         raise NotImplementedError
 
     def collate(self, samples: list[dict]) -> dict:
-        raise NotImplementedError
-
-    def build_demo(self, root: Path) -> dict:
         raise NotImplementedError
 
     def describe_batch(self, batch: dict, shown: int = 64) -> str:

@@ -101,10 +101,6 @@ class ITMTask(Task):
     def root(self) -> Path:
         return self.data_paths.text
 
-    def build_demo(self, root: Path) -> dict:
-        from core.demo.itm import build_itm_demo
-        return build_itm_demo(root)
-
     def _mapping(self) -> dict[int, str]:
         for name in MAPPING_FILES:
             if (self.root / name).is_file():

@@ -87,10 +87,6 @@ class VGDTask(Task):
     def root(self) -> Path:
         return self.data_paths.text / self.cfg.DATASET
 
-    def build_demo(self, root: Path) -> dict:
-        from core.demo.vgd import build_vgd_demo
-        return build_vgd_demo(root)
-
     def _split_file(self, split: str) -> Path:
         if split not in SPLITS[self.cfg.DATASET]:
             raise ValueError(f"unknown {self.cfg.DATASET} split {split!r}; valid: "

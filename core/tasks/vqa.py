@@ -108,10 +108,6 @@ class VQATask(Task):
     def _feature_root(self) -> Path:
         return self.data_paths.features
 
-    def build_demo(self, root: Path) -> dict:
-        from core.demo.vqa import build_vqa_demo
-        return build_vqa_demo(root)
-
     # --- vocabularies ------------------------------------------------------------------
     def prepare(self) -> None:
         files = [self.root / QUESTIONS[s] for s in VOCAB_SPLITS if (self.root / QUESTIONS[s])
