@@ -33,7 +33,7 @@ from demo import scenes as sc
 from demo.build import built_once, cli, resolve_sizes
 from demo.scenes import REL_WORDS, describe, phrase, pick
 from utils.io import atomic_write_json
-from utils.boxes import area, clip_boxes, iou, xywh_to_xyxy
+from core.tasks.vgd.boxes import area, clip_boxes, iou, xywh_to_xyxy
 
 VERSION = "vgd-demo-1"
 SPLITS = ("train", "val", "testA", "testB")
@@ -192,7 +192,7 @@ def coco_bbox(obj: sc.Obj) -> list[float]:
 
 
 def _iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``utils.boxes.iou`` on numpy arrays (float64, so sampling bounds are exact)."""
+    """``core.tasks.vgd.boxes.iou`` on numpy arrays (float64, so sampling bounds are exact)."""
     return iou(torch.from_numpy(np.asarray(a, np.float64)), torch.from_numpy(np.asarray(b, np.float64))).numpy()
 
 

@@ -26,7 +26,7 @@ from demo import scenes as sc
 from demo.build import built_once, cli, resolve_sizes
 from demo.scenes import REL_WORDS, SYNONYMS, describe, phrase, pick
 from utils.io import atomic_write_json
-from utils.vqa_eval import MANUAL_MAP, normalize_result_answer, question_accuracy
+from core.tasks.vqa.evaluation import MANUAL_MAP, normalize_result_answer, question_accuracy
 
 VERSION = "vqa-demo-1"
 DEFAULT_SIZES = {

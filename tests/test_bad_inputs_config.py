@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from core.data.refer import main as preprocess_vgd
+from core.tasks.vgd.refer import main as preprocess_vgd
 from core.engine import main, start
 from core.search import run_search
 from core.tasks.itm import ITMTask

@@ -20,9 +20,9 @@ import torch
 
 import core.data.pack as pack_mod
 import core.data.packed as packed
-from core.data import refer
+from core.tasks.vgd import refer
 from core.data.npz import FeatureError, read_npz
-from core.data.flickr import read_split
+from core.tasks.itm.flickr import read_split
 from core.engine import Run, main, weight_step
 from core.finite import NonFiniteError
 from core.mixed import Architect

@@ -10,7 +10,7 @@ import torch
 from demo import scenes as sc
 from demo import vgd
 from demo.build import resolve_sizes
-from utils.boxes import iou, xywh_to_xyxy
+from core.tasks.vgd.boxes import iou, xywh_to_xyxy
 from demokit import assert_same_files
 
 TINY = {"train": 12, "val": 5, "testA": 4, "testB": 4}

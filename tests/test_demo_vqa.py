@@ -8,7 +8,7 @@ import pytest
 
 from demo import scenes as sc
 from demo import vqa
-from utils.vqa_eval import normalize_result_answer, question_accuracy
+from core.tasks.vqa.evaluation import normalize_result_answer, question_accuracy
 from demokit import assert_same_files
 
 TINY = {"train": 14, "val": 6, "test": 4, "vg": 5, "min_questions": 6, "max_questions": 8}

@@ -17,7 +17,7 @@ import pytest
 from conftest import write_npz
 
 from core.config import resolve
-from core.data.refer import convert, write_splits
+from core.tasks.vgd.refer import convert, write_splits
 from core.data.text import files_stamp
 from core.tasks.base import check_vocabularies
 from core.tasks.itm import ITMTask

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
@@ -165,14 +166,16 @@ def in_dataset_order(local: list, n: int, batch_size: int) -> list:
     return merged
 
 
-def root_dataset(dataset: Dataset) -> Dataset:
-    """The task dataset under any ``Subset`` views."""
-    return root_dataset(dataset.dataset) if isinstance(dataset, Subset) else dataset
+def unwrap_subset(dataset: Dataset) -> tuple[Dataset, np.ndarray]:
+    """The task dataset under any ``Subset`` views (search splits), and the positions in it
+    of the view's samples, in the view's order."""
+    if isinstance(dataset, Subset):
+        root, inner = unwrap_subset(dataset.dataset)
+        return root, inner[np.asarray(dataset.indices, dtype=np.int64)]
+    return dataset, np.arange(len(dataset))
 
 
 def entries_of(dataset: Dataset) -> list:
-    """The ``entries`` of a task dataset, through any ``Subset`` views (search splits)."""
-    if isinstance(dataset, Subset):
-        inner = entries_of(dataset.dataset)
-        return [inner[i] for i in dataset.indices]
-    return dataset.entries
+    """The ``entries`` of a task dataset, through any ``Subset`` views."""
+    root, positions = unwrap_subset(dataset)
+    return [root.entries[i] for i in positions]
