@@ -1,6 +1,6 @@
 """Search an MMNas architecture for visual grounding: python3 search_vgd.py --DATASET=demo"""
 import demo  # noqa: F401  (registers the --DATASET=demo builders)
-from core.engine import main
+from core.run import main
 from core.search import run_search
 from core.tasks.vgd import VGDTask
 

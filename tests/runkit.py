@@ -105,14 +105,13 @@ def _arm(kill: str | None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     if event == "step":
-        import core.search
-        import core.train
-        for module in (core.search, core.train):
-            def step(*args, _real=module.weight_step, **kwargs):
-                if now():
-                    die()
-                return _real(*args, **kwargs)
-            module.weight_step = step
+        import core.loop     # the one epoch function of search and training calls it there
+
+        def step(*args, _real=core.loop.weight_step, **kwargs):
+            if now():
+                die()
+            return _real(*args, **kwargs)
+        core.loop.weight_step = step
     elif event == "write":
         real_save = torch.save
 
@@ -125,13 +124,13 @@ def _arm(kill: str | None) -> None:
                 die()
         torch.save = save
     elif event == "saved":
-        import core.engine
+        import core.run
 
-        def saved(*args, _real=core.engine.save_checkpoint, **kwargs):
+        def saved(*args, _real=core.run.save_checkpoint, **kwargs):
             _real(*args, **kwargs)
             if now():
                 die()
-        core.engine.save_checkpoint = saved
+        core.run.save_checkpoint = saved
     else:
         raise ValueError(f"unknown kill point {kill!r}")
 

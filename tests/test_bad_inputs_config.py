@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from core.tasks.vgd.refer import main as preprocess_vgd
-from core.engine import main, start
+from core.run import main, start
 from core.search import run_search
 from core.tasks.itm import ITMTask
 from core.tasks.vgd import VGDTask

@@ -23,7 +23,8 @@ import core.data.packed as packed
 from core.tasks.vgd import refer
 from core.data.npz import FeatureError, read_npz
 from core.tasks.itm.flickr import read_split
-from core.engine import Run, main, weight_step
+from core.run import Run, main
+from core.loop import weight_step
 from core.finite import NonFiniteError
 from core.mixed import Architect
 from core.search import run_search

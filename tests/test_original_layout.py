@@ -17,7 +17,7 @@ import pytest
 from conftest import REAL_VQA, VAL_ANNOTATIONS, VAL_IMAGE_IDS, VAL_QUESTIONS, write_npz
 from core.config import ConfigError, resolve
 from core.data.npz import FeatureError
-from core.engine import start
+from core.run import start
 from core.tasks.itm import ITMTask
 from core.tasks.vgd import VGDTask
 from core.tasks.vqa import VQATask

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from core.arch import Arch, load_arch, save_arch
-from core.engine import weight_step
+from core.loop import weight_step
 from core.mixed import Architect, MixedOp, mixed_ops, weight_parameters
 from core.model import current_arch
 from netkit import batch, fixed_net, small_cfg, supernet
