@@ -15,8 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from core.data.features import FeatureError
-from core.data.packed import DTYPES, pack, read_progress
+from core.data.npz import FeatureError
+from core.data.pack import pack, read_progress
+from core.data.packed import DTYPES
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -5,11 +5,11 @@
         [--out datasets/vgd/refcocog]
 
 The raw folder holds refs(unc).p (refcoco, refcoco+) or refs(umd).p (refcocog) and
-instances.json. See core/data/refer.py.
+instances.json. See core/tasks/vgd/refer.py.
 """
 import sys
 
-from core.data.refer import main
+from core.tasks.vgd.refer import main
 
 if __name__ == "__main__":
     sys.exit(main())

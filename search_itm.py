@@ -1,5 +1,6 @@
 """Search an MMNas architecture for image-text matching: python3 search_itm.py --DATASET=demo"""
-from core.engine import main
+import demo  # noqa: F401  (registers the --DATASET=demo builders)
+from core.run import main
 from core.search import run_search
 from core.tasks.itm import ITMTask
 

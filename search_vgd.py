@@ -1,5 +1,6 @@
 """Search an MMNas architecture for visual grounding: python3 search_vgd.py --DATASET=demo"""
-from core.engine import main
+import demo  # noqa: F401  (registers the --DATASET=demo builders)
+from core.run import main
 from core.search import run_search
 from core.tasks.vgd import VGDTask
 

@@ -1,5 +1,6 @@
 """Search an MMNas architecture for VQA: python3 search_vqa.py --DATASET=demo (see README)."""
-from core.engine import main
+import demo  # noqa: F401  (registers the --DATASET=demo builders)
+from core.run import main
 from core.search import run_search
 from core.tasks.vqa import VQATask
 

@@ -1,5 +1,6 @@
 """Train, evaluate (--RUN=val) or test (--RUN=test) an image-text matching architecture."""
-from core.engine import main
+import demo  # noqa: F401  (registers the --DATASET=demo builders)
+from core.run import main
 from core.train import run_train
 from core.tasks.itm import ITMTask
 

@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO))
 
 from core.arch import load_arch  # noqa: E402
 from core.config import resolve  # noqa: E402
-from core.data.features import NpzFeatures  # noqa: E402
-from core.engine import autocast, build_net  # noqa: E402
+from core.data.npz import NpzFeatures  # noqa: E402
+from core.loop import autocast, build_net  # noqa: E402
 from core.model import fixed_backbone  # noqa: E402
 from core.tasks.itm import ITMDataset, ITMTask, score_pairs  # noqa: E402
 

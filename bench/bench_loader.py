@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python3 bench/bench_loader.py                 # 500 images, ~1 s a row
     python3 bench/bench_loader.py --images 2000 --seconds 3 --workers 4
 
-Writes ``--images`` demo images (``core.demo.scenes`` regions, 10..100 per image) into a
+Writes ``--images`` demo images (``demo.scenes`` regions, 10..100 per image) into a
 temporary folder as compressed ``.npz`` (the public format), uncompressed ``.npz``, and packed
 float16 / float32 stores, then times ``load(image_id, 100)`` in one process and one thread,
 in a random order, after one untimed warm-up pass over every image: the OS page cache is warm
@@ -33,9 +33,11 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from core.data.features import NpzFeatures, pad_regions  # noqa: E402
-from core.data.packed import PackedFeatures, pack  # noqa: E402
-from core.demo.scenes import make_scene, write_feature_file  # noqa: E402
+from core.data.features import pad_regions  # noqa: E402
+from core.data.npz import NpzFeatures  # noqa: E402
+from core.data.pack import pack  # noqa: E402
+from core.data.packed import PackedFeatures  # noqa: E402
+from demo.scenes import make_scene, write_feature_file  # noqa: E402
 
 MAX_REGIONS = 100
 

@@ -33,7 +33,7 @@ def build(task_name: str, step: str, batch_size: int, amp: str):
 
     from core.arch import load_arch
     from core.config import resolve
-    from core.engine import autocast, build_net, weight_step
+    from core.loop import autocast, build_net, weight_step
     from core.mixed import Architect, mixed_ops, weight_parameters
     from core.model import fixed_backbone, search_backbone
     from core.tasks.vgd import VGDTask

@@ -1,8 +1,7 @@
 """Backbone (encoder over text, decoder over image regions) and the network around it.
 
 The same ``Backbone`` class holds fixed operators (a trained architecture) or ``MixedOp``
-blocks (the search supernet); ``convert_supernet_state`` turns a supernet's weights into the
-fixed network of an architecture (ProxylessNAS's ``convert_to_normal_net``).
+blocks (the search supernet).
 """
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from torch import nn
 
 from core.arch import Arch
 from core.mixed import MixedOp
-from core.ops import OpSpec, build_op, op_uses_rel
+from core.ops import MLP, LayerNorm, OpSpec, build_op
 from core.relations import image_relation, text_relation
 
 
@@ -72,7 +71,6 @@ class AttFlat(nn.Module):
 
     def __init__(self, hsize: int, mid: int, glimpses: int, out: int, dropout_r: float):
         super().__init__()
-        from core.ops import MLP
         self.mlp = MLP(hsize, mid, glimpses, dropout_r)
         self.linear_merge = nn.Linear(hsize * glimpses, out)
 
@@ -82,6 +80,35 @@ class AttFlat(nn.Module):
         att = torch.softmax(att, dim=1)
         pooled = torch.einsum("bng,bnh->bgh", att, x).flatten(1)
         return self.linear_merge(pooled)
+
+
+class PooledFusionHead(nn.Module):
+    """AttFlat over text and image, sum, LayerNorm, Linear(2H -> ``out``): the head of VQA
+    (``out`` = the answers) and of image-text matching (``out`` = 1, the matching logit)."""
+
+    # the original's names of these weights (full_vqa.py: x is the text, y the image regions)
+    ORIGINAL_KEY_PREFIXES = (("attflat_x.", "head.attflat_lang."),
+                             ("attflat_y.", "head.attflat_img."),
+                             ("proj_norm.", "head.proj_norm."), ("proj.", "head.proj."))
+
+    def __init__(self, cfg, out: int):
+        super().__init__()
+        pooled = 2 * cfg.HSIZE
+        self.attflat_img = AttFlat(cfg.HSIZE, cfg.FLAT_MLP_SIZE, cfg.FLAT_GLIMPSES, pooled,
+                                   cfg.DROPOUT_R)
+        self.attflat_lang = AttFlat(cfg.HSIZE, cfg.FLAT_MLP_SIZE, cfg.FLAT_GLIMPSES, pooled,
+                                    cfg.DROPOUT_R)
+        self.proj_norm = LayerNorm(pooled)
+        self.proj = nn.Linear(pooled, out)
+
+    def forward(self, txt, txt_mask, img, img_mask):
+        fused = self.attflat_lang(txt, txt_mask) + self.attflat_img(img, img_mask)
+        return self.proj(self.proj_norm(fused))
+
+
+def region_padding(feats: torch.Tensor) -> torch.Tensor:
+    """[B, N] True where a region is padding: the loaders pad with all-zero rows."""
+    return feats.abs().sum(-1) == 0
 
 
 class Net(nn.Module):
@@ -112,7 +139,7 @@ class Net(nn.Module):
         return Side(x, pad[:, None, None, :], rel)
 
     def image_side(self, feats: torch.Tensor, boxes: torch.Tensor) -> Side:
-        pad = feats.abs().sum(-1) == 0          # padded regions are all-zero rows
+        pad = region_padding(feats)
         rel = None
         if self.backbone.linear_rel_img is not None:
             rel = self.backbone.embed_relation(image_relation(boxes.to(feats.dtype), pad), "img")
@@ -160,35 +187,3 @@ def current_arch(backbone: Backbone) -> Arch:
         return tuple(b.names[int(b.alpha.argmax())] for b in blocks)
     return Arch(pick(backbone.enc_list), pick(backbone.dec_list))
 
-
-def convert_supernet_state(state: dict, backbone: Backbone, arch: Arch) -> dict:
-    """Weights of a supernet -> weights of the fixed network of ``arch``.
-
-    ``...enc_list.3.candidate_ops.k.<rest>`` -> ``...enc_list.3.<rest>`` for the chosen
-    candidate k (read from the supernet ``backbone``); other candidates and alphas are
-    dropped (ProxylessNAS's ``convert_to_normal_net``, on state dicts).
-    """
-    chosen = {}
-    for side in ("enc", "dec"):
-        for i, (block, op) in enumerate(zip(getattr(backbone, f"{side}_list"),
-                                            getattr(arch, side))):
-            if op not in block.names:
-                raise ValueError(f"{side}[{i}]: op {op!r} is not a candidate of the supernet "
-                                 f"({', '.join(block.names)})")
-            chosen[f"{side}_list.{i}."] = block.names.index(op)
-    unused = [f"backbone.linear_rel_{m}." for m, side in (("txt", "enc"), ("img", "dec"))
-              if not arch.uses(side, op_uses_rel)]
-    out = {}
-    for key, value in state.items():
-        marker = ".candidate_ops."
-        if key.endswith(".alpha") or any(key.startswith(u) for u in unused):
-            continue
-        if marker in key:
-            head, rest = key.split(marker, 1)
-            k, rest = rest.split(".", 1)
-            block = head.rsplit("backbone.", 1)[-1] + "."
-            if int(k) != chosen[block]:
-                continue
-            key = f"{head}.{rest}"
-        out[key] = value
-    return out

@@ -292,6 +292,3 @@ def build_op(name: str, spec: OpSpec) -> nn.Module:
         raise KeyError(f"unknown operator {name!r}; valid names: {', '.join(sorted(OPS))}")
     return OPS[name](spec)
 
-
-def op_uses_rel(name: str) -> bool:
-    return name.startswith("rel_self_att")

@@ -9,21 +9,18 @@ sub-network on the architecture split.
 from __future__ import annotations
 
 import itertools
-import time
 
 import torch
 from torch.utils.data import Subset
-from tqdm import tqdm
 
-from core.engine import (autocast, build_net, device_of, ensure_data, evaluate, format_metrics,
-                         grad_scaler, loader, stopped_message, to_device, weight_step)
+from core.loop import (autocast, build_net, checkpoint_payload, evaluate, format_metrics,
+                       grad_scaler, load_checked, loader, resume_state, run_epoch,
+                       stopped_message, to_device)
 from core.mixed import Architect, mixed_ops, weight_parameters
 from core.model import current_arch, search_backbone
 from core.ops import ABBREV
-from core.tasks.base import check_vocabularies
-from utils import dist
-from utils.checkpoint import load_checkpoint, load_weights, rng_state, set_rng_state
-from utils.schedule import lr_at, set_lr
+from core.run import device_of, ensure_data
+from utils.checkpoint import load_weights, rng_state
 
 
 def split_for_search(dataset, ratio: float):
@@ -65,45 +62,30 @@ def run_search(cfg, task, run) -> dict:
         warm_start(net, cfg.CKPT_PATH, task, run.log)
     arch_file = run.folder / "arch.json"
     metrics = {}
+    def sample_path():
+        for m in architect.mixed:
+            m.sample(path_gen)
+
     for epoch in range(start_epoch, cfg.MAX_EPOCH):
-        lr = lr_at(epoch, cfg.LR_BASE, cfg.LR_WARMUP_EPOCHS, cfg.LR_DECAY_EPOCHS,
-                   cfg.LR_DECAY_RATE)
-        set_lr(optim, lr)
         for m in architect.mixed:
             m.choose_argmax()           # hard negatives are mined with the arg-max network
-        with autocast(cfg, device):
-            task.start_epoch(net, weight_set, epoch, device)
-        net.train()
         arch_batches = _cycle(task, arch_set, cfg, cfg.SEED * 1000 + epoch + 500)
-        t0, total, n = time.time(), 0.0, 0
-        bar = tqdm(loader(task, weight_set, cfg, cfg.BATCH_SIZE, True, cfg.SEED * 1000 + epoch),
-                   desc=f"search epoch {epoch + 1}/{cfg.MAX_EPOCH}", dynamic_ncols=True,
-                   disable=not dist.is_main())
-        for batch in bar:
-            batch = to_device(batch, device)
-            for m in architect.mixed:
-                m.sample(path_gen)
-            total += weight_step(net, task, batch, optim, params, cfg, device, scaler,
-                                 where=f"epoch {epoch + 1}, step {step + 1}")
-            n += len(batch["txt"])
-            step += 1
+
+        def arch_step(step, epoch=epoch, arch_batches=arch_batches):
             if epoch >= cfg.ARCH_START_EPOCH and step % cfg.ARCH_STEP_EVERY == 0:
                 arch_batch = to_device(next(arch_batches), device)
                 where = f"epoch {epoch + 1}, step {step}, architecture step"
                 architect.step(lambda: arch_loss(arch_batch), path_gen,
                                lambda problem: stopped_message(where, problem, task, arch_batch))
-            bar.set_postfix(loss=f"{total / n:.4f}", lr=f"{lr:.2e}")
+
+        line, step = run_epoch(net, task, weight_set, cfg, device, optim, params, scaler, epoch,
+                               step, "search", before_step=sample_path, after_step=arch_step)
         arch = current_arch(net.backbone)
         archs[f"epoch{epoch + 1}"] = arch.to_json()
-        ckpt = run.checkpoint(epoch + 1, {
-            "kind": "search", "task": task.name, "config": cfg.to_dict(),
-            "arch": arch.to_json(), "meta": task.model_meta(), "epoch": epoch + 1,
-            "step": step, "state_dict": net.state_dict(), "net_optim": optim.state_dict(),
-            "arch_optim": architect.optim.state_dict(), "rng": rng_state(path_gen)},
-            outputs={arch_file.name: archs})
-        run.log(f"epoch {epoch + 1}: loss {total / max(n, 1):.4f}, lr {lr:.2e}, "
-                f"{n / (time.time() - t0):.1f} samples/s; checkpoint {ckpt.name}; "
-                f"architecture 'epoch{epoch + 1}' -> {arch_file}")
+        ckpt = run.checkpoint(epoch + 1, checkpoint_payload(
+            "search", task, cfg, arch, epoch + 1, step, net, optim, rng_state(path_gen),
+            arch_optim=architect.optim.state_dict()), outputs={arch_file.name: archs})
+        run.log(f"{line}; checkpoint {ckpt.name}; architecture 'epoch{epoch + 1}' -> {arch_file}")
         run.log(block_weights(net))
         metrics = _score_argmax(net, task, arch_set, cfg, device, path_gen)
         run.log(f"epoch {epoch + 1}: arg-max sub-network on the architecture split: "
@@ -152,10 +134,7 @@ def block_weights(net) -> str:
 def warm_start(net, path, task, log) -> None:
     """--CKPT_PATH without --RESUME: a supernet's weights and alphas (ours, or the original's
     search checkpoint of hygr_*.py), then a new search from epoch 0 with fresh optimisers."""
-    ckpt = load_checkpoint(path)
-    note = check_vocabularies(ckpt, task.model_meta(), str(path))
-    if note:
-        log(note)
+    ckpt = load_checked(path, task, log)
     load_weights(net, ckpt["state_dict"], str(path), task.original_key_prefixes)
     log(f"warm start: supernet weights and architecture logits loaded from {path}")
 
@@ -166,14 +145,9 @@ def _resume(run, net, optim, architect, path_gen, task) -> tuple[int, int, dict]
     path = run.last_checkpoint()
     if path is None:
         return 0, 0, {}
-    ckpt = load_checkpoint(path)
-    note = check_vocabularies(ckpt, task.model_meta(), str(path))
-    if note:
-        run.log(note)
+    ckpt = load_checked(path, task, run.log)
     load_weights(net, ckpt["state_dict"], str(path))
-    optim.load_state_dict(ckpt["net_optim"])
     architect.optim.load_state_dict(ckpt["arch_optim"])
-    set_rng_state(ckpt["rng"], path_gen)
-    archs = run.restore_outputs(ckpt).get("arch.json", {})
-    run.log(f"resumed from {path}: epoch {ckpt['epoch']}, step {ckpt['step']}")
-    return ckpt["epoch"], ckpt["step"], archs
+    epoch, step, outputs = resume_state(ckpt, optim, run, path_gen)
+    run.log(f"resumed from {path}: epoch {epoch}, step {step}")
+    return epoch, step, outputs.get("arch.json", {})

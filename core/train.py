@@ -1,22 +1,18 @@
 """Training a found architecture, and evaluating it (``--RUN=val``) or answering a test split."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from core.arch import Arch, load_arch, parse_arch
-from core.engine import (autocast, build_net, device_of, ensure_data, evaluate, format_metrics,
-                         grad_scaler, loader, to_device, weight_step)
+from core.loop import (build_net, checkpoint_payload, evaluate, format_metrics, grad_scaler,
+                       load_checked, resume_state, run_epoch)
 from core.model import fixed_backbone
-from core.tasks.base import check_vocabularies
+from core.run import device_of, ensure_data
 from utils import dist
-from utils.checkpoint import (CheckpointError, load_checkpoint, load_weights, rng_state,
-                              set_rng_state)
+from utils.checkpoint import CheckpointError, load_weights, rng_state
 from utils.io import atomic_write_json
-from utils.schedule import lr_at, set_lr
 
 
 def run_train(cfg, task, run) -> dict:
@@ -24,11 +20,7 @@ def run_train(cfg, task, run) -> dict:
     ensure_data(cfg, task, run.log)
     task.prepare()
     ckpt_path, continues = _checkpoint_to_load(cfg, run)
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
-    if ckpt is not None:
-        note = check_vocabularies(ckpt, task.model_meta(), str(ckpt_path))
-        if note:
-            run.log(note)
+    ckpt = load_checked(ckpt_path, task, run.log) if ckpt_path else None
     arch = _architecture(cfg, ckpt, ckpt_path)
     run.log(f"architecture: enc {' '.join(arch.enc)}\n              dec {' '.join(arch.dec)}")
     net = build_net(cfg, task, fixed_backbone(cfg, arch)).to(device)
@@ -94,12 +86,8 @@ def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
                              eps=cfg.OPT_EPS)
     start_epoch, step, history = 0, 0, []
     if resume_ckpt is not None:
-        optim.load_state_dict(resume_ckpt["net_optim"])
-        if "rng" in resume_ckpt:
-            set_rng_state(resume_ckpt["rng"])
-        start_epoch, step = resume_ckpt["epoch"], resume_ckpt.get("step", 0)
-        history = [r for r in run.restore_outputs(resume_ckpt).get("metrics.json", [])
-                   if r["epoch"] <= start_epoch]
+        start_epoch, step, outputs = resume_state(resume_ckpt, optim, run)
+        history = [r for r in outputs.get("metrics.json", []) if r["epoch"] <= start_epoch]
         run.log(f"resuming after epoch {start_epoch}")
     train_set = task.dataset(cfg.TRAIN_SPLIT)
     eval_sets = {}
@@ -113,25 +101,9 @@ def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
     run.log(f"training on {cfg.TRAIN_SPLIT}: {len(train_set)} samples")
     metrics = history[-1][next(iter(eval_sets))] if history and eval_sets else {}
     for epoch in range(start_epoch, cfg.MAX_EPOCH):
-        lr = lr_at(epoch, cfg.LR_BASE, cfg.LR_WARMUP_EPOCHS, cfg.LR_DECAY_EPOCHS,
-                   cfg.LR_DECAY_RATE)
-        set_lr(optim, lr)
-        with autocast(cfg, device):
-            task.start_epoch(net, train_set, epoch, device)
-        net.train()
-        t0, total, n = time.time(), 0.0, 0
-        bar = tqdm(loader(task, train_set, cfg, cfg.BATCH_SIZE, True, cfg.SEED * 1000 + epoch),
-                   desc=f"train epoch {epoch + 1}/{cfg.MAX_EPOCH}", dynamic_ncols=True,
-                   disable=not dist.is_main())
-        for batch in bar:
-            batch = to_device(batch, device)
-            total += weight_step(net, task, batch, optim, params, cfg, device, scaler,
-                                 where=f"epoch {epoch + 1}, step {step + 1}")
-            n += len(batch["txt"])
-            step += 1
-            bar.set_postfix(loss=f"{total / n:.4f}", lr=f"{lr:.2e}")
-        run.log(f"epoch {epoch + 1}: loss {total / max(n, 1):.4f}, lr {lr:.2e}, "
-                f"{n / (time.time() - t0):.1f} samples/s")
+        line, step = run_epoch(net, task, train_set, cfg, device, optim, params, scaler, epoch,
+                               step, "train")
+        run.log(line)
         # Evaluate before the checkpoint, so that it holds the history up to this epoch.
         if eval_sets:
             record = {"epoch": epoch + 1}
@@ -140,11 +112,9 @@ def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
                 run.log(f"epoch {epoch + 1}: {split} {format_metrics(record[split])}")
             history.append(record)
             metrics = record[next(iter(eval_sets))]
-        ckpt = run.checkpoint(epoch + 1, {
-            "kind": "train", "task": task.name, "config": cfg.to_dict(),
-            "arch": arch.to_json(), "meta": task.model_meta(), "epoch": epoch + 1,
-            "step": step, "state_dict": net.state_dict(), "net_optim": optim.state_dict(),
-            "rng": rng_state()}, outputs={"metrics.json": history} if eval_sets else {})
+        ckpt = run.checkpoint(epoch + 1, checkpoint_payload(
+            "train", task, cfg, arch, epoch + 1, step, net, optim, rng_state()),
+            outputs={"metrics.json": history} if eval_sets else {})
         run.log(f"epoch {epoch + 1}: checkpoint {ckpt.name}")
     run.log(f"training finished: checkpoints in {run.folder}")
     return metrics

@@ -5,6 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import demo  # noqa: F401  (registers the --DATASET=demo builders, as the scripts do)
+
 REAL_VQA = Path(__file__).resolve().parent / "data" / "vqa"
 VAL_QUESTIONS = "v2_OpenEnded_mscoco_val2014_questions.json"
 VAL_ANNOTATIONS = "v2_mscoco_val2014_annotations.json"

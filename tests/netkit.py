@@ -3,8 +3,7 @@ import numpy as np
 import torch
 
 from core.config import resolve
-from core.model import Net, fixed_backbone, search_backbone
-from core.tasks.vqa import VQAHead
+from core.model import Net, PooledFusionHead, fixed_backbone, search_backbone
 
 VOCAB, ANSWERS = 30, 7
 
@@ -24,7 +23,7 @@ def small_cfg(**over):
 
 def net_for(cfg, backbone, seed=0):
     torch.manual_seed(seed)
-    return Net(VOCAB, None, cfg, backbone, VQAHead(cfg, ANSWERS))
+    return Net(VOCAB, None, cfg, backbone, PooledFusionHead(cfg, ANSWERS))
 
 
 def supernet(cfg, seed=0):

@@ -32,7 +32,7 @@ ARCH = {"epoch1": {"enc": [["self_att_64"]], "dec": [["rel_self_att_64"], ["guid
 
 def build_data(base: Path) -> list[str]:
     """The data and the flags of a tiny run (2 epochs of 4 steps) on it."""
-    from core.demo.vqa import build_vqa_demo
+    from demo.vqa import build_vqa_demo
     build_vqa_demo(base / "data", seed=0, sizes=DATA_SIZES)
     (base / "arch.json").write_text(json.dumps(ARCH))
     return ["--DATASET=vqa", f"--DATA_ROOT={base / 'data'}", f"--LOG_ROOT={base / 'logs'}",
@@ -105,14 +105,13 @@ def _arm(kill: str | None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     if event == "step":
-        import core.search
-        import core.train
-        for module in (core.search, core.train):
-            def step(*args, _real=module.weight_step, **kwargs):
-                if now():
-                    die()
-                return _real(*args, **kwargs)
-            module.weight_step = step
+        import core.loop     # the one epoch function of search and training calls it there
+
+        def step(*args, _real=core.loop.weight_step, **kwargs):
+            if now():
+                die()
+            return _real(*args, **kwargs)
+        core.loop.weight_step = step
     elif event == "write":
         real_save = torch.save
 
@@ -125,13 +124,13 @@ def _arm(kill: str | None) -> None:
                 die()
         torch.save = save
     elif event == "saved":
-        import core.engine
+        import core.run
 
-        def saved(*args, _real=core.engine.save_checkpoint, **kwargs):
+        def saved(*args, _real=core.run.save_checkpoint, **kwargs):
             _real(*args, **kwargs)
             if now():
                 die()
-        core.engine.save_checkpoint = saved
+        core.run.save_checkpoint = saved
     else:
         raise ValueError(f"unknown kill point {kill!r}")
 

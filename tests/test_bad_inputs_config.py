@@ -8,8 +8,8 @@ import pytest
 import torch
 import yaml
 
-from core.data.refer import main as preprocess_vgd
-from core.engine import main, start
+from core.tasks.vgd.refer import main as preprocess_vgd
+from core.run import main, start
 from core.search import run_search
 from core.tasks.itm import ITMTask
 from core.tasks.vgd import VGDTask

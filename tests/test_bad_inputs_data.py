@@ -18,11 +18,13 @@ import numpy as np
 import pytest
 import torch
 
+import core.data.pack as pack_mod
 import core.data.packed as packed
-from core.data import refer
-from core.data.features import FeatureError, read_npz
-from core.data.flickr import read_split
-from core.engine import Run, main, weight_step
+from core.tasks.vgd import refer
+from core.data.npz import FeatureError, read_npz
+from core.tasks.itm.flickr import read_split
+from core.run import Run, main
+from core.loop import weight_step
 from core.finite import NonFiniteError
 from core.mixed import Architect
 from core.search import run_search
@@ -190,7 +192,7 @@ def test_broken_feature_file(case, vqa_val_root, capsys):
     elif case.run == "pack":
         store = root / "coco_extract" / "packed"
         with pytest.raises(FeatureError) as e:
-            packed.pack([root / "coco_extract" / "val2014"], store, progress=False)
+            pack_mod.pack([root / "coco_extract" / "val2014"], store, progress=False)
         message = str(e.value)
         assert packed.find_store([root / "coco_extract" / "val2014"], 2048) is None
     else:
@@ -209,7 +211,7 @@ def test_broken_feature_file(case, vqa_val_root, capsys):
 def nan_packed_store(root: Path) -> None:
     """A store packed before the pack-time check existed (or hit by a bit flip): NaN rows."""
     store = root / "coco_extract" / "packed"
-    packed.pack([root / "coco_extract" / "val2014"], store, dtype="float32", progress=False)
+    pack_mod.pack([root / "coco_extract" / "val2014"], store, dtype="float32", progress=False)
     rows = np.memmap(store / "feats.f32", dtype=np.float32, mode="r+")
     rows[:] = np.nan
     rows.flush()

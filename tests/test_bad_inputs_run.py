@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from core.engine import Run, main
+from core.run import Run, main
 from core.tasks.vqa import VQATask
 from core.train import run_train
 from runkit import _assert_same, build_data, files_of, train_flags

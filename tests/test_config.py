@@ -5,7 +5,7 @@ import yaml
 import core.config as config_mod
 from core.cli import parse_args, usage
 from core.config import KEYS, ConfigError, check_value, read_yaml, resolve
-from core.engine import start
+from core.run import start
 from core.tasks.vqa import VQATask
 
 DATASETS = ("vqa", "demo")

@@ -1,4 +1,4 @@
-"""Tests for the embedded synthetic Flickr30K retrieval demo (core/demo/itm.py)."""
+"""Tests for the embedded synthetic Flickr30K retrieval demo (demo/itm.py)."""
 
 import json
 import re
@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from core.demo import itm
-from core.demo import scenes as sc
+from demo import itm
+from demo import scenes as sc
 from demokit import assert_same_files
 
 TINY = {"train": 10, "dev": 6, "test": 5}

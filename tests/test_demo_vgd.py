@@ -1,4 +1,4 @@
-"""Tests for the embedded synthetic visual-grounding demo (core/demo/vgd.py)."""
+"""Tests for the embedded synthetic visual-grounding demo (demo/vgd.py)."""
 
 import json
 import re
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from core.demo import scenes as sc
-from core.demo import vgd
-from core.demo.build import resolve_sizes
-from utils.boxes import iou, xywh_to_xyxy
+from demo import scenes as sc
+from demo import vgd
+from demo.build import resolve_sizes
+from core.tasks.vgd.boxes import iou, xywh_to_xyxy
 from demokit import assert_same_files
 
 TINY = {"train": 12, "val": 5, "testA": 4, "testB": 4}
@@ -275,7 +275,7 @@ def test_marker_short_circuits_and_is_written_last(tmp_path, monkeypatch):
         raise AssertionError("rebuilt although the marker matched")
 
     monkeypatch.setattr(vgd.sc, "write_feature_file", fail)
-    monkeypatch.setattr(vgd, "write_json", fail)
+    monkeypatch.setattr(vgd, "atomic_write_json", fail)
     assert vgd.build_vgd_demo(tmp_path, seed=1, sizes=small) == stats
     with pytest.raises(AssertionError):  # another seed must rebuild
         vgd.build_vgd_demo(tmp_path, seed=2, sizes=small)

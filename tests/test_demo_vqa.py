@@ -1,4 +1,4 @@
-"""Tests for the embedded synthetic VQA demo (core/demo/scenes.py, core/demo/vqa.py)."""
+"""Tests for the embedded synthetic VQA demo (demo/scenes.py, demo/vqa.py)."""
 
 import json
 import re
@@ -6,8 +6,9 @@ import re
 import numpy as np
 import pytest
 
-from core.demo import scenes as sc
-from core.demo import vqa
+from demo import scenes as sc
+from demo import vqa
+from core.tasks.vqa.evaluation import normalize_result_answer, question_accuracy
 from demokit import assert_same_files
 
 TINY = {"train": 14, "val": 6, "test": 4, "vg": 5, "min_questions": 6, "max_questions": 8}
@@ -155,7 +156,7 @@ def test_marker_short_circuits_and_is_written_last(tmp_path, monkeypatch):
         raise AssertionError("rebuilt although the marker matched")
 
     monkeypatch.setattr(vqa.sc, "write_feature_file", fail)
-    monkeypatch.setattr(vqa, "write_json", fail)
+    monkeypatch.setattr(vqa, "atomic_write_json", fail)
     assert vqa.build_vqa_demo(tmp_path, seed=1, sizes=small) == stats
     with pytest.raises(AssertionError):  # another seed must rebuild
         vqa.build_vqa_demo(tmp_path, seed=2, sizes=small)
@@ -282,17 +283,17 @@ def test_annotators_disagree_but_normalise_back():
         texts = [a["answer"] for a in answers]
         assert mc == truth and len(texts) == 10
         disagreed += len(set(texts)) > 1
-        raw += any(t != truth and vqa.normalize_answer(t) == truth for t in texts)
+        raw += any(t != truth and normalize_result_answer(t) == truth for t in texts)
     assert 100 < disagreed < 320 and raw > 30
-    assert vqa.normalize_answer("Two") == "2" and vqa.normalize_answer("a cube") == "cube"
-    assert vqa.normalize_answer("Yes.") == "yes" and vqa.normalize_answer("grey") == "grey"
+    assert normalize_result_answer("Two") == "2" and normalize_result_answer("a cube") == "cube"
+    assert normalize_result_answer("Yes.") == "yes" and normalize_result_answer("grey") == "grey"
 
 
 def test_vqa_accuracy_and_majority_baseline_on_hand_case():
-    assert vqa.vqa_accuracy("yes", ["yes"] * 10) == 1.0
-    assert vqa.vqa_accuracy("no", ["yes"] * 10) == 0.0
+    assert question_accuracy("yes", ["yes"] * 10) == 1.0
+    assert question_accuracy("no", ["yes"] * 10) == 0.0
     # 2 of 10 say "2": leaving out one of them leaves 1 match (1/3), else 2 (2/3).
-    assert vqa.vqa_accuracy("2", ["two", "2"] + ["3"] * 8) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)
+    assert question_accuracy("2", ["two", "2"] + ["3"] * 8) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)
 
     def ann(mc, answers):
         return {"multiple_choice_answer": mc, "answers": [{"answer": a} for a in answers]}

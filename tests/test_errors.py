@@ -11,9 +11,8 @@ import torch
 
 from core.arch import ArchError, load_arch
 from core.config import resolve
-from core.data.features import FeatureError, NpzFeatures, read_npz
-from core.model import Net, fixed_backbone
-from core.tasks.vqa import VQAHead
+from core.data.npz import FeatureError, NpzFeatures, read_npz
+from core.model import Net, PooledFusionHead, fixed_backbone
 from utils.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -338,7 +337,7 @@ def _small_net(vocab_size, n_answers=10):
     cfg = resolve("vqa", "train", {"HSIZE": 64, "FLAT_MLP_SIZE": 64, "REL_SIZE": 16,
                                    "DATASET": "demo"})
     arch = load_arch(REPO / "arch" / "mcan.json", 0, 12, 18)
-    return Net(vocab_size, None, cfg, fixed_backbone(cfg, arch), VQAHead(cfg, n_answers))
+    return Net(vocab_size, None, cfg, fixed_backbone(cfg, arch), PooledFusionHead(cfg, n_answers))
 
 
 @pytest.fixture(scope="module")

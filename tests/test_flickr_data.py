@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.data.flickr import (CaptionSplit, feature_key, file_names, read_id_mapping, read_ids,
+from core.tasks.itm.flickr import (CaptionSplit, feature_key, file_names, read_id_mapping, read_ids,
                               read_split)
 
 REAL = Path(__file__).resolve().parent / "data" / "flickr30k"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from core.arch import Arch
-from core.data.features import NpzFeatures
+from core.data.npz import NpzFeatures
 from core.tasks.itm import ITMDataset, ITMHead, ITMTask, mine_negatives, score_pairs
 from netkit import VOCAB, fixed_net, small_cfg
 

@@ -8,10 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import core.data.pack as pack_mod
 import core.data.packed as packed
-from core.data.features import FeatureError, NpzFeatures, open_features
-from core.data.packed import PackedFeatures, pack
-from core.demo.scenes import make_scenes, write_feature_file
+from core.data.features import open_features
+from core.data.npz import FeatureError, NpzFeatures
+from core.data.pack import pack
+from core.data.packed import PackedFeatures
+from demo.scenes import make_scenes, write_feature_file
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_IDS = [3, 9, 25, 30, 42, 57, 61, 77, 80, 94, 100]
@@ -109,7 +112,7 @@ def test_store_found_by_folder_name_after_the_tree_moved(coco):
 
 def failing_after(n: int, error):
     """A ``read_npz`` that reads ``n`` files and then fails like an interruption."""
-    calls, real = [0], packed.read_npz
+    calls, real = [0], pack_mod.read_npz
 
     def read(*args):
         calls[0] += 1
@@ -125,7 +128,7 @@ def test_interrupted_pack_resumes_to_the_same_store(coco, monkeypatch):
 
     def interrupt():
         raise KeyboardInterrupt
-    monkeypatch.setattr(packed, "read_npz", failing_after(7, interrupt))
+    monkeypatch.setattr(pack_mod, "read_npz", failing_after(7, interrupt))
     with pytest.raises(KeyboardInterrupt):
         pack(dirs_of(root), root / "packed", progress=False, checkpoint_every=3)
     progress = json.loads((root / "packed" / "progress.json").read_text())
@@ -140,7 +143,7 @@ def test_interrupted_pack_resumes_to_the_same_store(coco, monkeypatch):
 def test_killed_pack_resumes_from_its_last_checkpoint(coco):
     root, _ = coco
     pack(dirs_of(root), root / "reference", progress=False)
-    script = (f"import os, core.data.packed as p\n"
+    script = (f"import os, core.data.pack as p\n"
               f"real, n = p.read_npz, [0]\n"
               f"def read(*a):\n"
               f"    n[0] += 1\n"
@@ -162,7 +165,7 @@ def test_unfinished_store_of_other_files_is_not_resumed(coco, npz_writer, monkey
 
     def interrupt():
         raise KeyboardInterrupt
-    monkeypatch.setattr(packed, "read_npz", failing_after(4, interrupt))
+    monkeypatch.setattr(pack_mod, "read_npz", failing_after(4, interrupt))
     with pytest.raises(KeyboardInterrupt):
         pack(dirs_of(root), root / "packed", progress=False)
     monkeypatch.undo()

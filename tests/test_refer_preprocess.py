@@ -1,4 +1,4 @@
-"""preprocess_vgd.py / core.data.refer on the real RefCOCOg (umd) sample in tests/data.
+"""preprocess_vgd.py / core.tasks.vgd.refer on the real RefCOCOg (umd) sample in tests/data.
 
 The sample: 15 refs, 28 sentences, 15 images, 108 annotations. Its refs are not grouped by
 split (train, train, test, train, ...), and each ref's own ``file_name`` carries an
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from core.data.refer import ReferError, convert, load_refs, main, write_splits
+from core.tasks.vgd.refer import ReferError, convert, load_refs, main, write_splits
 
 REAL = Path(__file__).resolve().parent / "data" / "refcocog"
 REPO = Path(__file__).resolve().parents[1]

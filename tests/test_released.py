@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from core.arch import Arch, load_arch
 from core.config import resolve
-from core.engine import build_net
+from core.loop import build_net
 from core.mixed import mixed_ops
 from core.model import fixed_backbone, search_backbone
 from core.relations import image_relation

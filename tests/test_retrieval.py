@@ -4,7 +4,7 @@ import time
 import numpy as np
 import pytest
 
-from utils.retrieval import i2t_ranks, rank_summary, retrieval_metrics, t2i_ranks
+from core.tasks.itm.retrieval import i2t_ranks, rank_summary, retrieval_metrics, t2i_ranks
 
 # 3 images, captions stored out of order; image 2 has a single caption.
 #   image 0 owns captions 1, 3;  image 1 owns 0, 4;  image 2 owns 2.

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.engine import start
+from core.run import start
 from core.search import run_search
 from core.tasks.vqa import VQATask
 from core.train import run_train
@@ -93,7 +93,8 @@ def test_checkpoint_with_reordered_vocabulary_is_refused(roots, capsys):
     """Same size, two words swapped: the shapes fit, so only the recorded words can tell.
     (A checkpoint whose words equal the data's loads: test_train_val_test_and_resume.)"""
     from core.arch import load_arch
-    from core.engine import build_net, ensure_data, main
+    from core.run import ensure_data, main
+    from core.loop import build_net
     from core.model import fixed_backbone
     from utils.checkpoint import save_checkpoint
     paths, base = roots

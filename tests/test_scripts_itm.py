@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.engine import start
+from core.run import start
 from core.tasks.itm import ITMTask
 from core.train import run_train
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from core.engine import start
+from core.run import start
 from core.tasks.vgd import VGDTask
 from core.train import run_train
 

@@ -6,7 +6,7 @@ import torch
 
 from core.tasks.vgd import VGDHead, VGDTask
 from netkit import fixed_net, small_cfg
-from utils.boxes import clip_boxes, decode_deltas, encode_deltas, iou, xywh_to_xyxy
+from core.tasks.vgd.boxes import clip_boxes, decode_deltas, encode_deltas, iou, xywh_to_xyxy
 from utils.checkpoint import load_weights
 
 

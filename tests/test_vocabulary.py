@@ -17,9 +17,9 @@ import pytest
 from conftest import write_npz
 
 from core.config import resolve
-from core.data.refer import convert, write_splits
+from core.tasks.vgd.refer import convert, write_splits
 from core.data.text import files_stamp
-from core.tasks.base import check_vocabularies
+from core.loop import check_vocabularies
 from core.tasks.itm import ITMTask
 from core.tasks.vgd import VGDTask
 from utils.checkpoint import CheckpointError

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import core.data.text as text_mod
-from core.data.features import image_id_of, pad_regions
+from core.data.features import pad_regions
+from core.data.npz import image_id_of
 from core.data.text import CLS, PAD, UNK, build_vocab, encode, tokenize
 from core.tasks.vqa import QUESTIONS, soft_score
 

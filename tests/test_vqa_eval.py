@@ -1,4 +1,4 @@
-"""Tests for utils/vqa_eval.py on the real VQA-v2 val2014 sample in tests/data/.
+"""Tests for core/tasks/vqa/evaluation.py on the real VQA-v2 val2014 sample in tests/data/.
 
 Every expected number below was computed by hand from the annotation file.
 For one question whose 10 gt answers contain the (normalised) prediction c
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.vqa_eval import (
+from core.tasks.vqa.evaluation import (
     ARTICLES, CONTRACTIONS, MANUAL_MAP, PUNCT, evaluate, evaluate_files, main,
     normalize_result_answer, prep_ans, process_digit_article,
     process_punctuation, question_accuracy, round_half_away,

@@ -184,11 +184,10 @@ def _reorder(alpha, side: str, candidates):
 
 def _candidates_of(net: nn.Module) -> dict:
     """The candidate names of a supernet's blocks, per side (empty for a fixed network)."""
-    from core.mixed import MixedOp
     backbone = getattr(net, "backbone", None)
     out = {}
-    for side in ("enc", "dec"):
-        mixed = [b for b in getattr(backbone, f"{side}_list", []) if isinstance(b, MixedOp)]
+    for side in ("enc", "dec"):      # mixed blocks (core.mixed.MixedOp) hold candidate_ops
+        mixed = [b for b in getattr(backbone, f"{side}_list", []) if hasattr(b, "candidate_ops")]
         if mixed:
             out[side] = mixed[0].names
     return out

@@ -81,8 +81,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+def atomic_write_json(path: str | Path, obj: Any, compact: bool = False) -> None:
+    """Indented and newline-terminated, or ``compact`` (no spaces, like the public data files)."""
+    if compact:
+        atomic_write_text(path, json.dumps(obj, separators=(",", ":")))
+    else:
+        atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def decode_utf8(path: str | Path, data: bytes) -> str:

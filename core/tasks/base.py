@@ -1,25 +1,34 @@
-"""The task seam: everything a task differs in — data, head, loss, metric, demo data.
+"""The task seam: everything a task differs in — data, head, loss, metric.
 
-The engine (search and train loops, checkpoints, run folder) asks a task these questions
+The loops (core/search.py, core/train.py, core/loop.py) ask a task these questions
 and nothing else; it knows nothing about questions, boxes or captions.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
+from tqdm import tqdm
 
+from core.data.layout import data_paths
 from core.data.text import vocab_words
+from core.loop import loader, to_device
 from utils import dist
-from utils.checkpoint import CheckpointError
+
+
+# task name -> ``build(root) -> stats``: writes the task's embedded synthetic data under
+# ``root`` (``--DATASET=demo``). The top-level ``demo`` package registers its builders here
+# when imported (the scripts import it), so core never imports the demo.
+DEMO_BUILDERS: dict[str, Callable[[Path], dict]] = {}
 
 
 class Task:
     name = ""
     datasets: tuple[str, ...] = ()   # values of --DATASET; 'demo' is the embedded synthetic one
-    main_metric = ""              # key of the metric dict that decides "better"
     # (original prefix, our prefix) pairs applied when loading the original's checkpoints
     original_key_prefixes: tuple[tuple[str, str], ...] = ()
     # (batch key, words) of the list of sample ids every batch carries, for error messages
@@ -35,7 +44,6 @@ class Task:
     def data_paths(self):
         """Where this task's files are (our tree or the original's), decided once and logged."""
         if self._data_paths is None:
-            from core.data.layout import data_paths
             self._data_paths = data_paths(self.name, Path(self.cfg.DATA_ROOT),
                                           self.cfg.DATA_LAYOUT, self.cfg.DATASET)
             self.log(self._data_paths.describe())
@@ -51,9 +59,6 @@ class Task:
         raise NotImplementedError
 
     def collate(self, samples: list[dict]) -> dict:
-        raise NotImplementedError
-
-    def build_demo(self, root: Path) -> dict:
         raise NotImplementedError
 
     def describe_batch(self, batch: dict, shown: int = 64) -> str:
@@ -84,8 +89,6 @@ class Task:
     def evaluate(self, net: nn.Module, dataset: Dataset, device, desc: str):
         """(metrics, predictions): batches through ``net`` (in eval mode, no grad), then
         ``predict`` and ``metric``. Tasks whose scoring is not per sample override it."""
-        from tqdm import tqdm
-        from core.engine import loader, to_device
         predictions = []
         # Under torchrun each rank predicts every world-th batch slice; the gathered
         # predictions are put back in dataset order, each sample exactly once.
@@ -111,42 +114,8 @@ class Task:
         return {}
 
 
-# (words key, size key, name) of the vocabularies a checkpoint's "meta" may record
-VOCABULARIES = (("vocab", "vocab_size", "word vocabulary"),
-                ("answers", "answer_size", "answer vocabulary"))
-
-
-def check_vocabularies(ckpt: dict, data_meta: dict, source: str) -> str:
-    """Refuse a checkpoint whose vocabularies differ from the data's: a same-size reordered
-    vocabulary loads without a shape error but gives every word another vector. Checkpoints
-    without words (the original's released files) get their sizes checked by the tensor
-    shapes only; the returned note says so ("" when the words were compared)."""
-    saved = ckpt.get("meta") or {}
-    unchecked = []
-    for words_key, size_key, name in VOCABULARIES:
-        if words_key not in data_meta:
-            continue
-        ours, theirs = data_meta[words_key], saved.get(words_key)
-        size = len(theirs) if theirs is not None else saved.get(size_key)
-        if size is not None and size != len(ours):
-            raise CheckpointError(f"{source}: its {name} has {size} entries, the data's has "
-                                  f"{len(ours)} (other data files or tokenisation?)")
-        if theirs is None:
-            unchecked.append(name)
-            continue
-        for i, (a, b) in enumerate(zip(theirs, ours)):
-            if a != b:
-                raise CheckpointError(f"{source}: its {name} differs from the data's at index "
-                                      f"{i}: checkpoint {a!r}, data {b!r} (other data files "
-                                      f"or tokenisation?)")
-    if not unchecked:
-        return ""
-    return (f"note: {source} records no {' or '.join(unchecked)} (a released or older "
-            f"checkpoint): rebuilt from the data the original's way, only sizes are checked")
-
-
 def in_dataset_order(local: list, n: int, batch_size: int) -> list:
-    """Gather every rank's predictions (see ``engine.RankBatches``) in dataset order."""
+    """Gather every rank's predictions (see ``core.loop.RankBatches``) in dataset order."""
     if not dist.active():
         return local
     parts = dist.gather_per_rank(local)
@@ -162,14 +131,16 @@ def in_dataset_order(local: list, n: int, batch_size: int) -> list:
     return merged
 
 
-def root_dataset(dataset: Dataset) -> Dataset:
-    """The task dataset under any ``Subset`` views."""
-    return root_dataset(dataset.dataset) if isinstance(dataset, Subset) else dataset
+def unwrap_subset(dataset: Dataset) -> tuple[Dataset, np.ndarray]:
+    """The task dataset under any ``Subset`` views (search splits), and the positions in it
+    of the view's samples, in the view's order."""
+    if isinstance(dataset, Subset):
+        root, inner = unwrap_subset(dataset.dataset)
+        return root, inner[np.asarray(dataset.indices, dtype=np.int64)]
+    return dataset, np.arange(len(dataset))
 
 
 def entries_of(dataset: Dataset) -> list:
-    """The ``entries`` of a task dataset, through any ``Subset`` views (search splits)."""
-    if isinstance(dataset, Subset):
-        inner = entries_of(dataset.dataset)
-        return [inner[i] for i in dataset.indices]
-    return dataset.entries
+    """The ``entries`` of a task dataset, through any ``Subset`` views."""
+    root, positions = unwrap_subset(dataset)
+    return [root.entries[i] for i in positions]

@@ -11,13 +11,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from core.config import REPO
-from core.data.features import COCO_FEATURE_NAMES, open_features, pad_regions
+from core.data.features import open_features, pad_regions
+from core.data.npz import COCO_FEATURE_NAMES
 from core.data.text import cached_vocab_and_vectors, encode, files_stamp
-from core.model import AttFlat
-from core.ops import LayerNorm
+from core.model import PooledFusionHead
 from core.tasks.base import Task, entries_of
 from utils.io import atomic_write_json, expect_fields, read_json
-from utils.vqa_eval import evaluate, prep_ans
+from core.tasks.vqa.evaluation import evaluate, prep_ans
 
 QUESTIONS = {
     "train": "v2_OpenEnded_mscoco_train2014_questions.json",
@@ -67,33 +67,11 @@ class VQADataset(Dataset):
         return item
 
 
-class VQAHead(nn.Module):
-    """AttFlat over text and image, sum, LayerNorm, Linear(2H -> answers)."""
-
-    def __init__(self, cfg, answer_size: int):
-        super().__init__()
-        out = 2 * cfg.HSIZE
-        self.attflat_img = AttFlat(cfg.HSIZE, cfg.FLAT_MLP_SIZE, cfg.FLAT_GLIMPSES, out,
-                                   cfg.DROPOUT_R)
-        self.attflat_lang = AttFlat(cfg.HSIZE, cfg.FLAT_MLP_SIZE, cfg.FLAT_GLIMPSES, out,
-                                    cfg.DROPOUT_R)
-        self.proj_norm = LayerNorm(out)
-        self.proj = nn.Linear(out, answer_size)
-
-    def forward(self, txt, txt_mask, img, img_mask):
-        fused = self.attflat_lang(txt, txt_mask) + self.attflat_img(img, img_mask)
-        return self.proj(self.proj_norm(fused))
-
-
 class VQATask(Task):
     name = "vqa"
     datasets = ("vqa", "demo")
-    main_metric = "overall"
     batch_ids = ("qid", "question ids")
-    # full_vqa.py: x is the text (encoder), y the image regions (decoder)
-    original_key_prefixes = (("attflat_x.", "head.attflat_lang."),
-                             ("attflat_y.", "head.attflat_img."),
-                             ("proj_norm.", "head.proj_norm."), ("proj.", "head.proj."))
+    original_key_prefixes = PooledFusionHead.ORIGINAL_KEY_PREFIXES
 
     @property
     def root(self) -> Path:
@@ -107,10 +85,6 @@ class VQATask(Task):
 
     def _feature_root(self) -> Path:
         return self.data_paths.features
-
-    def build_demo(self, root: Path) -> dict:
-        from core.demo.vqa import build_vqa_demo
-        return build_vqa_demo(root)
 
     # --- vocabularies ------------------------------------------------------------------
     def prepare(self) -> None:
@@ -209,7 +183,7 @@ class VQATask(Task):
 
     # --- model -------------------------------------------------------------------------
     def build_head(self) -> nn.Module:
-        return VQAHead(self.cfg, len(self.ans_to_ix))
+        return PooledFusionHead(self.cfg, len(self.ans_to_ix))
 
     def model_meta(self) -> dict:
         return {**super().model_meta(), "answer_size": len(self.ans_to_ix),

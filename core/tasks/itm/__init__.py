@@ -19,20 +19,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from core.data.features import open_features, pad_regions
-from core.data.flickr import feature_key, file_names, read_id_mapping, read_lines, read_split
+from core.tasks.itm.flickr import SPLITS, feature_key, file_names, read_id_mapping, read_lines, read_split
 from core.data.text import cached_vocab_and_vectors, encode
-from core.model import Side
-from core.tasks.base import Task, root_dataset
-from core.tasks.vqa import VQAHead, VQATask
+from core.model import PooledFusionHead, Side
+from core.tasks.base import Task, unwrap_subset
 from utils import dist
 from utils.io import atomic_write
-from utils.retrieval import retrieval_metrics
+from core.tasks.itm.retrieval import retrieval_metrics
 
-SPLITS = ("train", "dev", "test")
 MAPPING_FILES = ("id_mapping.json", "dataset_flickr30k.json")
 IMAGE_GROUP = 16            # images whose regions are projected together when scoring pairs
 TEXT_CACHE_BYTES = 2**30    # encoded captions kept for a whole scoring pass up to this size
@@ -80,9 +78,8 @@ class ITMDataset(Dataset):
         return item
 
 
-class ITMHead(VQAHead):
-    """The VQA fusion head (AttFlat over both sides, sum, LayerNorm) with one output: the
-    matching logit."""
+class ITMHead(PooledFusionHead):
+    """The pooled fusion head (shared with VQA) with one output: the matching logit."""
 
     def __init__(self, cfg):
         super().__init__(cfg, 1)
@@ -94,17 +91,12 @@ class ITMHead(VQAHead):
 class ITMTask(Task):
     name = "itm"
     datasets = ("flickr", "demo")
-    main_metric = "rsum"
     batch_ids = ("caption_id", "caption indices (with their negatives)")
-    original_key_prefixes = VQATask.original_key_prefixes      # the same head
+    original_key_prefixes = PooledFusionHead.ORIGINAL_KEY_PREFIXES      # the same head
 
     @property
     def root(self) -> Path:
         return self.data_paths.text
-
-    def build_demo(self, root: Path) -> dict:
-        from core.demo.itm import build_itm_demo
-        return build_itm_demo(root)
 
     def _mapping(self) -> dict[int, str]:
         for name in MAPPING_FILES:
@@ -182,7 +174,7 @@ class ITMTask(Task):
 
     # --- hard negatives ----------------------------------------------------------------
     def start_epoch(self, net, dataset, epoch: int, device) -> None:
-        ds = root_dataset(dataset)
+        ds = unwrap_subset(dataset)[0]
         hard = epoch >= self.cfg.ITM_HARD_NEG_EPOCH     # before it: random negatives
 
         def score(pair_img, pair_cap):
@@ -199,7 +191,7 @@ class ITMTask(Task):
     def evaluate(self, net, dataset, device, desc: str):
         """Score every image of ``dataset`` against every caption of it (a search's
         architecture split: its captions and their images)."""
-        ds, caps = root_dataset(dataset), _caption_indices(dataset)
+        ds, caps = unwrap_subset(dataset)
         images, caption_image = np.unique(ds.caption_image[caps], return_inverse=True)
         img = np.repeat(images, len(caps))
         cap = np.tile(caps, len(images))
@@ -209,7 +201,7 @@ class ITMTask(Task):
         return retrieval_metrics(scores, caption_image), scores
 
     def metric(self, predictions, dataset) -> dict:
-        ds, caps = root_dataset(dataset), _caption_indices(dataset)
+        ds, caps = unwrap_subset(dataset)
         return retrieval_metrics(predictions,
                                  np.unique(ds.caption_image[caps], return_inverse=True)[1])
 
@@ -219,18 +211,10 @@ class ITMTask(Task):
         return path
 
     def baseline(self, train, evaluated) -> dict:
-        ds, caps = root_dataset(evaluated), _caption_indices(evaluated)
+        ds, caps = unwrap_subset(evaluated)
         own = np.unique(ds.caption_image[caps], return_counts=True)[1]
         return {"chance_r1_i2t": 100.0 * float(np.mean(own)) / len(caps),
                 "chance_r1_t2i": 100.0 / len(own)}
-
-
-def _caption_indices(dataset) -> np.ndarray:
-    """Caption indices of an ``ITMDataset`` or of a ``Subset`` view of one."""
-    if isinstance(dataset, Subset):
-        inner = _caption_indices(dataset.dataset)
-        return inner[np.asarray(dataset.indices)]
-    return np.arange(len(dataset))
 
 
 # ---- scoring many pairs ------------------------------------------------------------------

@@ -17,7 +17,7 @@ features while spatial words still need the boxes.  ``testA``/``testB`` mimic
 RefCOCO's people/objects split: they refer only to balls and cubes, or only to
 cylinders and cones.
 
-Run ``python3 -m core.demo.vgd --root datasets/demo`` to build it.
+Run ``python3 -m demo.vgd --root datasets/demo`` to build it.
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.demo import scenes as sc
-from core.demo.build import cli, read_marker, resolve_sizes
-from core.demo.vqa import REL_WORDS, describe, pick, write_json, phrase
-from utils.boxes import area, clip_boxes, iou, xywh_to_xyxy
+from demo import scenes as sc
+from demo.build import built_once, cli, resolve_sizes
+from demo.scenes import REL_WORDS, describe, phrase, pick
+from utils.io import atomic_write_json
+from core.tasks.vgd.boxes import area, clip_boxes, iou, xywh_to_xyxy
 
 VERSION = "vgd-demo-1"
 SPLITS = ("train", "val", "testA", "testB")
@@ -191,7 +192,7 @@ def coco_bbox(obj: sc.Obj) -> list[float]:
 
 
 def _iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``utils.boxes.iou`` on numpy arrays (float64, so sampling bounds are exact)."""
+    """``core.tasks.vgd.boxes.iou`` on numpy arrays (float64, so sampling bounds are exact)."""
     return iou(torch.from_numpy(np.asarray(a, np.float64)), torch.from_numpy(np.asarray(b, np.float64))).numpy()
 
 
@@ -421,27 +422,22 @@ def _stats(plan: dict[str, list[VgdImage]]) -> dict:
 def build_vgd_demo(root: Path, seed: int = 0, sizes: dict | None = None) -> dict:
     """Write the grounding demo under ``root`` (see module doc) and return its stats.
 
-    Returns at once if ``root/vgd/demo/.demo_complete`` records the same version,
-    seed and sizes; the marker is removed first and written last, so a
-    half-finished build is never mistaken for a complete one.
+    At once if ``root/vgd/demo/.demo_complete`` records the same version, seed and sizes.
     """
     root, sizes = Path(root), resolve_sizes(DEFAULT_SIZES, sizes)
-    marker = root / "vgd" / "demo" / ".demo_complete"
-    cached = read_marker(marker, VERSION, seed, sizes)
-    if cached is not None:
-        return cached
-    marker.unlink(missing_ok=True)
+    return built_once(root / "vgd" / "demo" / ".demo_complete", VERSION, seed, sizes,
+                      lambda: _write_vgd_demo(root, seed, sizes))
 
+
+def _write_vgd_demo(root: Path, seed: int, sizes: dict) -> dict:
     plan = plan_demo(seed, sizes)
     for split in SPLITS:
         for image in plan[split]:
             write_image_features(root, image, seed)
         records = [r for image in plan[split] for r in image.records]
-        write_json(root / "vgd" / "demo" / f"{split}.json", strip_private(records))
-
-    stats = _stats(plan)
-    write_json(marker, {"version": VERSION, "seed": seed, "sizes": sizes, "stats": stats})
-    return stats
+        atomic_write_json(root / "vgd" / "demo" / f"{split}.json", strip_private(records),
+                          compact=True)
+    return _stats(plan)
 
 
 def main(argv: list[str] | None = None) -> None:

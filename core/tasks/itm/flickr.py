@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.data.features import image_id_of
+from core.data.npz import image_id_of
 from utils.io import decode_utf8, expect_fields, read_json
 
 SPLITS = ("train", "dev", "test")

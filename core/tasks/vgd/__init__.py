@@ -17,10 +17,10 @@ from torch.utils.data import Dataset
 
 from core.data.features import open_features, pad_regions
 from core.data.text import cached_vocab_and_vectors, encode
-from core.model import AttFlat
+from core.model import AttFlat, region_padding
 from core.ops import LayerNorm
-from core.tasks.base import Task, entries_of, root_dataset
-from utils.boxes import clip_boxes, decode_deltas, encode_deltas, iou, xywh_to_xyxy
+from core.tasks.base import Task, entries_of, unwrap_subset
+from core.tasks.vgd.boxes import clip_boxes, decode_deltas, encode_deltas, iou, xywh_to_xyxy
 from utils.io import atomic_write_json, expect_fields, read_json
 
 SPLITS = {"refcoco": ("train", "val", "testA", "testB"),
@@ -75,7 +75,6 @@ class VGDHead(nn.Module):
 class VGDTask(Task):
     name = "vgd"
     datasets = tuple(SPLITS)
-    main_metric = "acc"
     batch_ids = ("sent_id", "sent ids")
     # full_vgd.py: x is the text (encoder), y the image regions (decoder)
     original_key_prefixes = (("attflat_x.", "head.attflat_lang."),
@@ -87,10 +86,6 @@ class VGDTask(Task):
     @property
     def root(self) -> Path:
         return self.data_paths.text / self.cfg.DATASET
-
-    def build_demo(self, root: Path) -> dict:
-        from core.demo.vgd import build_vgd_demo
-        return build_vgd_demo(root)
 
     def _split_file(self, split: str) -> Path:
         if split not in SPLITS[self.cfg.DATASET]:
@@ -148,7 +143,7 @@ class VGDTask(Task):
 
     def loss(self, out, batch):
         scores, deltas = out
-        pad = batch["img"].abs().sum(-1) == 0
+        pad = region_padding(batch["img"])
         overlap = iou(batch["boxes"], batch["gt"][:, None])[..., 0].masked_fill(pad, 0.0)
         positive = overlap >= POSITIVE_IOU
         n_pos = positive.sum().clamp(min=1)
@@ -164,7 +159,7 @@ class VGDTask(Task):
     # --- evaluation --------------------------------------------------------------------
     def predict(self, out, batch) -> list[dict]:
         scores, deltas = out
-        pad = batch["img"].abs().sum(-1) == 0
+        pad = region_padding(batch["img"])
         best = scores.masked_fill(pad, -1e9).argmax(-1)
         rows = torch.arange(len(best), device=best.device)
         box = decode_deltas(batch["boxes"][rows, best], deltas[rows, best])
@@ -187,7 +182,7 @@ class VGDTask(Task):
 
     def baseline(self, train, evaluated) -> dict:
         """Expected Acc@0.5 of picking one of the real proposals at random."""
-        hits, feats = [], root_dataset(evaluated).feats
+        hits, feats = [], unwrap_subset(evaluated)[0].feats
         for e in entries_of(evaluated)[:2000]:
             _, boxes, _ = feats.load(e["image_id"], self.cfg.MAX_REGIONS)
             gt = xywh_to_xyxy(torch.tensor(e["bbox"], dtype=torch.float32))

@@ -1,7 +1,9 @@
-"""What search and training share: run folder, device, loaders, weight step, evaluation."""
+"""Starting a run: the config, the device, the torchrun relaunch, the run folder, user errors.
+
+What runs inside it (batches, precision, the weight step, epochs, checkpoints, evaluation)
+is in ``core/loop.py``."""
 from __future__ import annotations
 
-import contextlib
 import datetime
 import fcntl
 import json
@@ -15,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from core import config as config_mod
+from core.arch import ArchError
 from core.cli import fail, parse_args, usage, wants_help
-from core.finite import NonFiniteError, assert_finite, grad_problem, loss_problem
-from core.model import Net
+from core.data.npz import FeatureError
+from core.finite import assert_finite
+from core.tasks.base import DEMO_BUILDERS
 from utils import dist
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.io import (WriteError, atomic_write_json, atomic_write_text, read_json,
@@ -185,8 +187,6 @@ def _hold(folder: Path) -> None:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean "your input is wrong": shown as one line, not a traceback."""
-    from core.arch import ArchError
-    from core.data.features import FeatureError
     return (config_mod.ConfigError, CheckpointError, ArchError, FeatureError,
             FileNotFoundError, ValueError, WriteError)
 
@@ -336,134 +336,10 @@ def ensure_data(cfg, task, log) -> None:
     """``--DATASET=demo``: build the embedded synthetic data once (seconds)."""
     if cfg.DATASET == "demo":
         t = time.time()
-        stats = task.build_demo(Path(cfg.DATA_ROOT))
+        build = DEMO_BUILDERS.get(task.name)
+        if build is None:
+            raise ValueError(f"--DATASET=demo: no demo data builder registered for task "
+                             f"'{task.name}' (import the demo package first, as the scripts do)")
+        stats = build(Path(cfg.DATA_ROOT))
         log(f"demo data in {cfg.DATA_ROOT} ready ({time.time() - t:.1f} s): "
             f"{ {k: v for k, v in stats.items() if not isinstance(v, dict)} }")
-
-
-def build_net(cfg, task, backbone) -> Net:
-    return Net(task.model_meta()["vocab_size"], task.word_vectors, cfg, backbone,
-               task.build_head())
-
-
-class RankBatches:
-    """Global batches in a fixed order per seed; this rank takes every world-th sample.
-
-    With one process it is a plain (shuffled) batch sampler. With N processes every rank
-    builds the same permutation and takes its share of each global batch, so N processes
-    see exactly the samples one process would, step by step.
-    """
-
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int):
-        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-
-    def __len__(self):
-        return (self.n + self.batch_size - 1) // self.batch_size
-
-    def __iter__(self):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)) \
-            if self.shuffle else torch.arange(self.n)
-        for start in range(0, self.n, self.batch_size):
-            share = order[start:start + self.batch_size][dist.rank()::dist.world()].tolist()
-            if share:
-                yield share
-
-
-def loader(task, dataset: Dataset, cfg, batch_size: int, shuffle: bool, seed: int = 0):
-    """Batches in a fixed order per (seed, epoch) so that a resumed run sees the same data.
-
-    Always with its own generator: a loader without one draws its worker seed from the
-    global RNG, and an evaluation would then change the dropout masks of later steps.
-    """
-    return DataLoader(dataset, batch_sampler=RankBatches(len(dataset), batch_size, shuffle, seed),
-                      num_workers=cfg.NUM_WORKERS, collate_fn=task.collate,
-                      generator=torch.Generator().manual_seed(seed),
-                      pin_memory=torch.cuda.is_available())
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
-
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(cfg, device: torch.device):
-    """The forward-pass precision context of ``--AMP`` (a no-op for 'off')."""
-    if cfg.AMP == "off":
-        return contextlib.nullcontext()
-    if cfg.AMP not in AMP_DTYPES:
-        raise config_mod.ConfigError(f"AMP={cfg.AMP!r}; expected off, bf16 or fp16")
-    return torch.autocast(device.type, dtype=AMP_DTYPES[cfg.AMP])
-
-
-def grad_scaler(cfg, device: torch.device):
-    """fp16 needs loss scaling (small gradients underflow); bf16 and fp32 do not."""
-    return torch.amp.GradScaler(device.type) if cfg.AMP == "fp16" else None
-
-
-def weight_step(net: nn.Module, task, batch: dict, optim, params, cfg, device,
-                scaler=None, where: str = "weight step") -> float:
-    """One optimiser step on the network weights; parameters without gradient stay put.
-
-    A non-finite loss, or gradient (without fp16 loss scaling, whose GradScaler skips such
-    steps itself), stops the run before the step with an error naming ``where`` and the batch.
-    """
-    optim.zero_grad(set_to_none=True)
-    with autocast(cfg, device):
-        loss = task.loss(net(batch), batch)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optim)
-    else:
-        loss.backward()
-    grads = [p.grad for p in params if p.grad is not None]
-    total = loss.detach().float().reshape(1)     # summed with the gradients: all ranks agree
-    dist.sum_grads(grads + [total])
-    norm = None
-    if cfg.GRAD_CLIP > 0:
-        norm = nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.GRAD_CLIP)
-    problem = loss_problem(total) or (grad_problem(net, params, norm) if scaler is None else None)
-    if problem:
-        raise NonFiniteError(stopped_message(where, problem, task, batch))
-    if scaler is not None:
-        scaler.step(optim)
-        scaler.update()
-    else:
-        optim.step()
-    return float(loss.detach())
-
-
-def stopped_message(where: str, problem: str, task, batch: dict) -> str:
-    """One line: where it happened, what is non-finite, which samples, what to do."""
-    share = f" (this process's share of {dist.world()})" if dist.active() else ""
-    return (f"{where}: {problem} on {task.describe_batch(batch)}{share}; stopped before the "
-            f"optimiser step, nothing updated or saved (check these samples' feature files, "
-            f"or lower LR_BASE)")
-
-
-@torch.no_grad()
-def evaluate(net: nn.Module, task, dataset: Dataset, cfg, device, desc: str = "eval"):
-    """(metrics, predictions) of ``net`` on ``dataset``, in eval mode, as the task scores it."""
-    was_training = net.training
-    net.eval()
-    try:
-        with autocast(cfg, device):
-            return task.evaluate(net, dataset, device, desc)
-    finally:
-        net.train(was_training)
-
-
-def format_metrics(metrics: dict, skip=("perQuestionType",)) -> str:
-    """One log line; long breakdowns (kept in metrics.json) are left out."""
-    parts = []
-    for k, v in metrics.items():
-        if k in skip:
-            continue
-        if isinstance(v, dict):
-            parts.append(f"{k}: " + ", ".join(f"{a} {b:.2f}" if isinstance(b, float) else
-                                             f"{a} {b}" for a, b in v.items()))
-        else:
-            parts.append(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}")
-    return " | ".join(parts)

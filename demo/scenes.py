@@ -333,3 +333,36 @@ def nearest_in_direction(objects: list[Obj], ref: int, direction: str) -> int | 
     if any(d < NEAREST_GAP * best for d in rivals):
         return None
     return clear[0][1]
+
+
+# --------------------------------------------------------------------------- phrasing (all tasks)
+
+
+REL_WORDS = {
+    "left": ("left of", "to the left of", "on the left of"),
+    "right": ("right of", "to the right of", "on the right of"),
+    "above": ("above", "over"),
+    "below": ("below", "under", "beneath"),
+}
+SYNONYMS = {"gray": ("grey",), "ball": ("sphere",), "cube": ("box", "block"), "cone": ("pyramid",),
+             "large": ("big",), "small": ("tiny",), "metal": ("metallic", "shiny"), "rubber": ("plastic",)}
+
+
+def pick(rng, options):
+    return options[int(rng.integers(len(options)))]
+
+
+def phrase(values: dict[str, str], rng, plural: bool = False) -> str:
+    """Noun phrase like "small red metal cube" / "green objects" for attribute values."""
+    words = [values[n] for n in ("size", "colour", "material") if n in values]
+    noun = values.get("shape") or pick(rng, ("object", "thing"))
+    return " ".join(words + [noun + ("s" if plural else "")])
+
+
+def describe(objects, idx, rng, exclude=()) -> str | None:
+    """A uniquely identifying phrase for ``objects[idx]``, or None if none exists."""
+    combos = unique_descriptions(objects, idx, exclude)
+    if not combos:
+        return None
+    combo = pick(rng, combos)
+    return phrase({n: objects[idx].attr(n) for n in combo}, rng)

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from utils.io import atomic_write_json
+
 
 def resolve_sizes(defaults: dict, sizes: dict | None) -> dict:
     """``defaults`` updated by ``sizes``; unknown keys or negative counts are errors."""
@@ -17,6 +19,22 @@ def resolve_sizes(defaults: dict, sizes: dict | None) -> dict:
     if any(not isinstance(v, int) or v < 0 for v in merged.values()):
         raise ValueError(f"sizes must be non-negative integers: {merged}")
     return merged
+
+
+def built_once(marker: Path, version: str, seed: int, sizes: dict,
+               build: Callable[[], dict]) -> dict:
+    """The stats of the build under ``marker``'s folder: the stored ones if ``marker`` records
+    a finished build of this exact version, seed and sizes, else ``build()``'s. The marker is
+    removed first and written last, so a half-finished build is never taken for a complete one.
+    """
+    cached = read_marker(marker, version, seed, sizes)
+    if cached is not None:
+        return cached
+    marker.unlink(missing_ok=True)
+    stats = build()
+    atomic_write_json(marker, {"version": version, "seed": seed, "sizes": sizes, "stats": stats},
+                      compact=True)
+    return stats
 
 
 def read_marker(marker: Path, version: str, seed: int, sizes: dict) -> dict | None:
@@ -32,7 +50,7 @@ def read_marker(marker: Path, version: str, seed: int, sizes: dict) -> dict | No
 
 def cli(description: str, marker_dir: str, build: Callable[..., dict],
         argv: list[str] | None = None) -> None:
-    """``python3 -m core.demo.<task> [--root R] [--seed N] [--force]``: build, print stats."""
+    """``python3 -m demo.<task> [--root R] [--seed N] [--force]``: build, print stats."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--root", default="datasets/demo", help="demo root")
     parser.add_argument("--seed", type=int, default=0)

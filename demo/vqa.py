@@ -12,21 +12,21 @@ Questions are templated over synthetic scenes (see ``scenes.py``): counting
 learn it in minutes; ten noisy annotators per question exercise the
 leave-one-out accuracy and answer normalisation.
 
-Run ``python3 -m core.demo.vqa --root datasets/demo`` to build it.
+Run ``python3 -m demo.vqa --root datasets/demo`` to build it.
 """
 
 from __future__ import annotations
 
 import collections
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from core.demo import scenes as sc
-from core.demo.build import cli, read_marker, resolve_sizes
-from utils.vqa_eval import MANUAL_MAP, normalize_result_answer, question_accuracy
+from demo import scenes as sc
+from demo.build import built_once, cli, resolve_sizes
+from demo.scenes import REL_WORDS, SYNONYMS, describe, phrase, pick
+from utils.io import atomic_write_json
+from core.tasks.vqa.evaluation import MANUAL_MAP, normalize_result_answer, question_accuracy
 
 VERSION = "vqa-demo-1"
 DEFAULT_SIZES = {
@@ -68,51 +68,19 @@ _LICENSE = {"url": "http://creativecommons.org/licenses/by/4.0/",
 # --------------------------------------------------------------------------- answer normalisation
 
 
-# The official normalisation and per-question accuracy (utils/vqa_eval.py), under the
-# names this module's callers use.
-normalize_answer = normalize_result_answer
-vqa_accuracy = question_accuracy
-
-
 def majority_baseline(train_annotations: list[dict], val_annotations: list[dict]) -> tuple[str, float]:
     """Most frequent train ``multiple_choice_answer`` and its val accuracy in percent."""
     counts = collections.Counter(a["multiple_choice_answer"] for a in train_annotations)
     answer = min(counts, key=lambda a: (-counts[a], a))
     if not val_annotations:
         return answer, 0.0
-    accs = [vqa_accuracy(answer, [x["answer"] for x in a["answers"]]) for a in val_annotations]
+    accs = [question_accuracy(answer, [x["answer"] for x in a["answers"]]) for a in val_annotations]
     return answer, 100.0 * sum(accs) / len(accs)
 
 
 # --------------------------------------------------------------------------- phrasing
 
 
-def pick(rng, options):
-    return options[int(rng.integers(len(options)))]
-
-
-def phrase(values: dict[str, str], rng, plural: bool = False) -> str:
-    """Noun phrase like "small red metal cube" / "green objects" for attribute values."""
-    words = [values[n] for n in ("size", "colour", "material") if n in values]
-    noun = values.get("shape") or pick(rng, ("object", "thing"))
-    return " ".join(words + [noun + ("s" if plural else "")])
-
-
-def describe(objects, idx, rng, exclude=()) -> str | None:
-    """A uniquely identifying phrase for ``objects[idx]``, or None if none exists."""
-    combos = sc.unique_descriptions(objects, idx, exclude)
-    if not combos:
-        return None
-    combo = pick(rng, combos)
-    return phrase({n: objects[idx].attr(n) for n in combo}, rng)
-
-
-REL_WORDS = {
-    "left": ("left of", "to the left of", "on the left of"),
-    "right": ("right of", "to the right of", "on the right of"),
-    "above": ("above", "over"),
-    "below": ("below", "under", "beneath"),
-}
 _ASK_ATTR = {
     "colour": ("What color is the {np}?", "What is the color of the {np}?", "Which color is the {np}?"),
     "shape": ("What shape is the {np}?", "What is the shape of the {np}?"),
@@ -286,8 +254,6 @@ def generate_questions(objects: list, rng: np.random.Generator, n: int) -> list[
 
 # --------------------------------------------------------------------------- annotators
 
-SYNONYMS = {"gray": ("grey",), "ball": ("sphere",), "cube": ("box", "block"), "cone": ("pyramid",),
-             "large": ("big",), "small": ("tiny",), "metal": ("metallic", "shiny"), "rubber": ("plastic",)}
 _DIGIT_WORDS = {v: k for k, v in MANUAL_MAP.items() if k != "none"}
 
 
@@ -336,21 +302,13 @@ def annotate(truth: str, rng) -> tuple[list[dict], str]:
             text = _raw_variant(truth, rng) if sloppy[i] < 0.08 else truth
             conf = "yes" if conf_u[i] < 0.9 else ("maybe" if conf_u[i] < 0.98 else "no")
         answers.append({"answer": text, "answer_confidence": conf, "answer_id": i + 1})
-    counts = collections.Counter(normalize_answer(a["answer"]) for a in answers)
+    counts = collections.Counter(normalize_result_answer(a["answer"]) for a in answers)
     best = max(counts.values())
     mc = truth if counts[truth] == best else min(a for a, c in counts.items() if c == best)
     return answers, mc
 
 
 # --------------------------------------------------------------------------- files
-
-
-def write_json(path: Path, obj) -> None:
-    """Compact, deterministic JSON (like the real files), written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, separators=(",", ":")), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _question_file(subtype: str, questions: list[dict]) -> dict:
@@ -427,17 +385,14 @@ def _stats(scene_sets, records, vg_records) -> dict:
 def build_vqa_demo(root: Path, seed: int = 0, sizes: dict | None = None) -> dict:
     """Write the VQA demo under ``root`` (see module doc) and return its stats.
 
-    Returns at once if ``root/vqa/.demo_complete`` records the same version,
-    seed and sizes; the marker is removed first and written last, so a
-    half-finished build is never mistaken for a complete one.
+    At once if ``root/vqa/.demo_complete`` records the same version, seed and sizes.
     """
     root, sizes = Path(root), _resolve_sizes(sizes)
-    marker = root / "vqa" / ".demo_complete"
-    cached = read_marker(marker, VERSION, seed, sizes)
-    if cached is not None:
-        return cached
-    marker.unlink(missing_ok=True)
+    return built_once(root / "vqa" / ".demo_complete", VERSION, seed, sizes,
+                      lambda: _write_vqa_demo(root, seed, sizes))
 
+
+def _write_vqa_demo(root: Path, seed: int, sizes: dict) -> dict:
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
     first = _first_ids(sizes)
     scene_sets = {s: sc.make_scenes(sizes[s], streams[0], first[s]) for s in SUBTYPES}
@@ -451,16 +406,16 @@ def build_vqa_demo(root: Path, seed: int = 0, sizes: dict | None = None) -> dict
 
     vqa = root / "vqa"
     for split, subtype in SUBTYPES.items():
-        write_json(vqa / f"v2_OpenEnded_mscoco_{subtype}_questions.json", _question_file(subtype, records[split][0]))
+        atomic_write_json(vqa / f"v2_OpenEnded_mscoco_{subtype}_questions.json", _question_file(subtype, records[split][0]),
+                          compact=True)
         if split != "test":
-            write_json(vqa / f"v2_mscoco_{subtype}_annotations.json",
-                        _annotation_file(subtype, _strip_private(records[split][1])))
-    write_json(vqa / "VG_questions.json", _question_file("train2014", vg_records[0]))
-    write_json(vqa / "VG_annotations.json", _annotation_file("train2014", _strip_private(vg_records[1])))
+            atomic_write_json(vqa / f"v2_mscoco_{subtype}_annotations.json",
+                        _annotation_file(subtype, _strip_private(records[split][1])), compact=True)
+    atomic_write_json(vqa / "VG_questions.json", _question_file("train2014", vg_records[0]), compact=True)
+    atomic_write_json(vqa / "VG_annotations.json", _annotation_file("train2014", _strip_private(vg_records[1])),
+                      compact=True)
 
-    stats = _stats(scene_sets, records, vg_records)
-    write_json(marker, {"version": VERSION, "seed": seed, "sizes": sizes, "stats": stats})
-    return stats
+    return _stats(scene_sets, records, vg_records)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,7 +24,7 @@ position, and every family member has a caption showing that difference (the
 changed attribute, or a relation of the moved object where one is clear), so
 siblings are hard negatives that only the right details tell apart.
 
-Run ``python3 -m core.demo.itm --root datasets/demo`` to build it.
+Run ``python3 -m demo.itm --root datasets/demo`` to build it.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from core.demo import scenes as sc
-from core.demo.build import cli, read_marker, resolve_sizes
-from core.demo.vqa import REL_WORDS, SYNONYMS as _VQA_SYNONYMS, pick, write_json
+from demo import scenes as sc
+from demo.build import built_once, cli, resolve_sizes
+from demo.scenes import REL_WORDS, SYNONYMS as _VQA_SYNONYMS, pick
 from utils.io import atomic_write_text
 
 VERSION = "itm-demo-1"
@@ -606,17 +606,14 @@ def _stats(plan: dict[str, list[ItmImage]]) -> dict:
 def build_itm_demo(root: Path, seed: int = 0, sizes: dict | None = None) -> dict:
     """Write the retrieval demo under ``root`` (see module doc) and return its stats.
 
-    Returns at once if ``root/itm/.demo_complete`` records the same version,
-    seed and sizes; the marker is removed first and written last, so a
-    half-finished build is never mistaken for a complete one.
+    At once if ``root/itm/.demo_complete`` records the same version, seed and sizes.
     """
     root, sizes = Path(root), resolve_sizes(DEFAULT_SIZES, sizes)
-    marker = root / "itm" / ".demo_complete"
-    cached = read_marker(marker, VERSION, seed, sizes)
-    if cached is not None:
-        return cached
-    marker.unlink(missing_ok=True)
+    return built_once(root / "itm" / ".demo_complete", VERSION, seed, sizes,
+                      lambda: _write_itm_demo(root, seed, sizes))
 
+
+def _write_itm_demo(root: Path, seed: int, sizes: dict) -> dict:
     plan = plan_demo(seed, sizes)
     mapping = {}
     for split in SPLITS:
@@ -626,10 +623,7 @@ def build_itm_demo(root: Path, seed: int = 0, sizes: dict | None = None) -> dict
         write_split(root, split, plan[split])
     ordered = {k: mapping[k] for k in sorted(mapping, key=int)}
     atomic_write_text(root / "itm" / "id_mapping.json", json.dumps(ordered))  # real file: default separators
-
-    stats = _stats(plan)
-    write_json(marker, {"version": VERSION, "seed": seed, "sizes": sizes, "stats": stats})
-    return stats
+    return _stats(plan)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,7 +2,7 @@
 
 Input is what users download for lichengunc/refer: a folder holding ``refs(unc).p``
 (RefCOCO, RefCOCO+) or ``refs(umd).p`` (RefCOCOg, UMD split) and the COCO ``instances.json``.
-Output is ``<out>/<split>.json`` per split, one entry per sentence (SPEC §7):
+Output is ``<out>/<split>.json`` per split, one entry per sentence:
 ``{"tokens", "image_id", "file_name", "split", "bbox", "name", "height", "width"}`` plus
 ``ref_id``, ``sent_id`` and ``sent`` so predictions can be traced back to the sentence.
 
