@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Subset
 from tqdm import tqdm
 
+from core import pictures
 from core.engine import (autocast, build_net, device_of, ensure_data, evaluate, format_metrics,
                          grad_scaler, loader, stopped_message, to_device, weight_step)
 from core.mixed import Architect, mixed_ops, weight_parameters
@@ -108,6 +109,7 @@ def run_search(cfg, task, run) -> dict:
         metrics = _score_argmax(net, task, arch_set, cfg, device, path_gen)
         run.log(f"epoch {epoch + 1}: arg-max sub-network on the architecture split: "
                 f"{format_metrics(metrics)}")
+        pictures.search_epoch(run, net, epoch + 1, total / max(n, 1), metrics)
     run.log(f"search finished: architectures in {arch_file} (use --ARCH_PATH={arch_file} "
             f"--ARCH_EPOCH=N)")
     return metrics

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from core import pictures
 from core.arch import Arch, load_arch, parse_arch
 from core.engine import (autocast, build_net, device_of, ensure_data, evaluate, format_metrics,
                          grad_scaler, loader, to_device, weight_step)
@@ -146,5 +147,6 @@ def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
             "step": step, "state_dict": net.state_dict(), "net_optim": optim.state_dict(),
             "rng": rng_state()}, outputs={"metrics.json": history} if eval_sets else {})
         run.log(f"epoch {epoch + 1}: checkpoint {ckpt.name}")
+        pictures.train_epoch(run, epoch + 1, total / max(n, 1), history[-1] if eval_sets else None)
     run.log(f"training finished: checkpoints in {run.folder}")
     return metrics
