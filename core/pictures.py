@@ -155,8 +155,9 @@ def draw_attention(ckpt_path, sample: str, out, split: str | None = None,
     if ckpt.get("kind") != "train":
         raise PictureError(f"{ckpt_path}: a {ckpt.get('kind', 'released')} checkpoint; the "
                            f"attention map needs a training checkpoint (train_<task>.py)")
-    values = {k: v for k, v in ckpt["config"].items() if k in KEYS and k != "TASK"}
-    values.update(SUBSET=0, RESUME=False, CKPT_PATH=None, RUN_MODE="val")
+    values = {k: v for k, v in ckpt["config"].items()
+              if k in KEYS and v is not None and k not in ("TASK", "CKPT_PATH")}
+    values.update(SUBSET=0, RESUME=False, RUN_MODE="val")
     if data_root:
         values["DATA_ROOT"] = data_root
     cfg = resolve(ckpt["task"], "train", values)

@@ -204,13 +204,13 @@ def attention_map(path, image_hw, boxes, region_weights, words, word_weights, li
     region_weights = np.asarray(region_weights, float)
     word_weights = np.asarray(word_weights, float)
     fig = _figure(size)
-    ax = fig.add_axes((0.03, 0.25, 0.62, 0.7))
-    if image is not None:
-        ax.imshow(image, extent=(0, w, h, 0))
-    else:
-        ax.add_patch(patches.Rectangle((0, 0), w, h, fc="#f4f4f4", ec="#888888"))
+    ax = fig.add_axes((0.08, 0.25, 0.57, 0.7))
+    # the background is an image either way, so that the heat (an image too) lies above it
+    ax.imshow(image if image is not None else np.full((2, 2, 3), 0.95), extent=(0, w, h, 0))
     heat = region_heat(image_hw, boxes, region_weights)
-    ax.imshow(heat, extent=(0, w, h, 0), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    shade = np.zeros(heat.shape + (4,))
+    shade[..., 3] = 0.7 * (1.0 - heat)          # attended regions bright, the rest darkened
+    ax.imshow(shade, extent=(0, w, h, 0), interpolation="bilinear")
     order = [int(i) for i in np.argsort(-region_weights)[:top]]
     for rank, i in enumerate(order):
         x1, y1, x2, y2 = np.asarray(boxes, float)[i]
@@ -236,7 +236,7 @@ def attention_map(path, image_hw, boxes, region_weights, words, word_weights, li
     peak = word_weights.max() if len(word_weights) and word_weights.max() > 0 else 1.0
     cmap, x, y = plt.get_cmap("Reds"), 0.0, 0.7
     for word, a in zip(words, word_weights):
-        step = 0.012 * (len(word) + 6)
+        step = 9 * (len(word) + 6) / (0.94 * size[0])      # about 9 pixels a character
         if x + step > 1:
             x, y = 0.0, y - 0.45
         words_ax.text(x, y, f"{word} {a:.2f}", fontsize=9, va="center",
