@@ -181,7 +181,9 @@ def draw_attention(ckpt_path, sample: str, out, split: str | None = None,
     image_file = find_image(Path(cfg.DATA_ROOT), image_id)
     drawn = plots.attention_map(out, image_hw, batch["boxes"][0].numpy(), regions, words,
                                 att["lang"][0, :len(words)].numpy(), lines,
-                                load_image(image_file), marked)
+                                load_image(image_file), marked, weighted_by=
+                                "the grounding score" if task.name == "vgd" else
+                                "the image attention")
     drawn["image_file"] = image_file
     return drawn
 
@@ -234,8 +236,7 @@ def _reading(task, output, batch, att, sample, split) -> tuple[list[str], dict, 
         true = batch["gt"][0].tolist()
         from utils.boxes import iou
         overlap = float(iou(torch.tensor([pred["box"]]), torch.tensor([true]))[0, 0])
-        lines = head + ["regions weighted by the", "grounding score (softmax)",
-                        f"predicted box score {pred['score']:.3f}", f"IoU with true {overlap:.3f}",
+        lines = head + [f"predicted box score {pred['score']:.3f}", f"IoU with true {overlap:.3f}",
                         "correct (IoU >= 0.5)" if pred["correct"] else "wrong (IoU < 0.5)"]
         return lines, {"predicted": (pred["box"], "#2ca02c"), "true": (true, "#d62728")}, regions
     score = float(torch.sigmoid(output.float().reshape(-1)[0]))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from core.engine import start
-from core.pictures import draw_attention
+from core.pictures import PictureError, draw_attention
 from core.search import run_search
 from core.tasks.vqa import VQATask
 from core.train import run_train
@@ -57,6 +57,9 @@ def test_search_script_writes_architecture_checkpoint_and_log(roots):
     state = torch.load(folder / "epoch1.pkl", weights_only=True)["state_dict"]
     assert history[0]["alphas"]["dec"][17] == pytest.approx(
         torch.softmax(state["backbone.dec_list.17.alpha"], -1).tolist())
+    with pytest.raises(PictureError, match="a search checkpoint; the attention map needs a "
+                                           "training checkpoint"):
+        draw_attention(folder / "epoch1.pkl", "1", base / "no.png")
     # the search's architecture file trains directly (original flag name --GENO_EPOCH)
     metrics, _ = train(QUICK + paths + [f"--ARCH_PATH={folder / 'arch.json'}",
                                         "--GENO_EPOCH=1", "--MAX_EPOCH=1",
@@ -99,6 +102,8 @@ def test_train_val_test_and_resume(roots):
     assert drawn["lines"][2].split()[0] == answer["answer"] and len(drawn["lines"]) >= 7
     assert drawn["regions"].sum() == pytest.approx(1.0) and drawn["background"] == "blank"
     assert sum(a for _, a in drawn["words"]) == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(PictureError, match="--sample=7: no question_id 7 in split 'val'"):
+        draw_attention(folder / "epoch2.pkl", "7", base / "no.png", log=lambda _: None)
 
     # --RUN=test writes the EvalAI upload file: every test question, one string answer
     _, test_folder = train(QUICK + paths + ["--RUN=test", ckpt, "--VERSION=u"])

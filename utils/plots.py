@@ -195,7 +195,8 @@ def region_heat(image_hw, boxes, weights, cells: int = 64) -> np.ndarray:
 
 
 def attention_map(path, image_hw, boxes, region_weights, words, word_weights, lines,
-                  image=None, marked: dict | None = None, top: int = 3, size=(900, 700)) -> dict:
+                  image=None, marked: dict | None = None, top: int = 3, size=(900, 700),
+                  weighted_by: str = "the image attention") -> dict:
     """Regions weighted by the image attention (a heat over the image, or over a blank
     canvas of its size) with the ``top`` regions outlined, ``marked`` boxes (name -> (box
     xyxy, colour): e.g. predicted and true) drawn on top, the words coloured by the text
@@ -225,7 +226,7 @@ def attention_map(path, image_hw, boxes, region_weights, words, word_weights, li
                 bbox=dict(fc=colour, alpha=0.8, lw=0))
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
-    ax.set_title("regions weighted by the image attention"
+    ax.set_title(f"regions weighted by {weighted_by}"
                  + ("" if image is not None else " (no image file: blank canvas)"), fontsize=9)
     side = fig.add_axes((0.68, 0.25, 0.3, 0.7))
     side.axis("off")
