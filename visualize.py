@@ -14,24 +14,18 @@ import os
 import sys
 from pathlib import Path
 
-from core.arch import ArchError
+from core.arch import ArchError, parse_arch
 from core.cli import fail
 from core.config import ConfigError
 from core.pictures import PictureError, draw_attention
 from utils import plots
 from utils.checkpoint import CheckpointError
+from utils.io import decode_utf8
 
 
 def arch_command(args) -> Path:
     path = Path(args.path)
-    if not path.is_file():
-        raise ArchError(f"architecture file {path} does not exist")
-    try:
-        keys = list(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise ArchError(f"{path}: not valid JSON ({e})") from None
-    key = f"epoch{args.epoch}" if args.epoch is not None else (keys[-1] if keys else "epoch0")
-    entry = _entry(path, key)
+    key, entry = _entry(path, args.epoch)
     out = Path(args.out or path.with_suffix(".png").name)
     drawn = plots.arch_diagram(out, entry, f"{path.name} [{key}]")
     print(f"{out}: {len(drawn['enc'])} encoder and {len(drawn['dec'])} decoder blocks, "
@@ -39,16 +33,25 @@ def arch_command(args) -> Path:
     return out
 
 
-def _entry(path: Path, key: str) -> dict:
-    from core.arch import parse_arch
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict) or key not in data:
-        have = ", ".join(data) if isinstance(data, dict) else "none"
-        raise ArchError(f"{path}: no key {key!r}; keys present: {have}")
+def _entry(path: Path, epoch: int | None) -> tuple[str, dict]:
+    """("epochN", its entry, checked as training checks it) of an architecture file; the
+    last entry when ``epoch`` is None. Any number of blocks is drawn."""
+    if not path.is_file():
+        raise ArchError(f"architecture file {path} does not exist")
+    try:
+        data = json.loads(decode_utf8(path, path.read_bytes()))
+    except json.JSONDecodeError as e:
+        raise ArchError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not data:
+        raise ArchError(f"{path}: expected an object of \"epochN\" entries")
+    key = f"epoch{epoch}" if epoch is not None else list(data)[-1]
+    if key not in data:
+        raise ArchError(f"{path}: no key {key!r}; keys present: {', '.join(data)}")
     entry = data[key]
-    sizes = [len(entry.get(s, [])) if isinstance(entry, dict) else 0 for s in ("enc", "dec")]
+    sizes = [len(entry[s]) if isinstance(entry, dict) and isinstance(entry.get(s), list) else 0
+             for s in ("enc", "dec")]
     parse_arch(entry, f"{path} [{key}]", *sizes)     # the same checks as training
-    return entry
+    return key, entry
 
 
 def attention_command(args) -> Path:
