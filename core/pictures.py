@@ -55,9 +55,10 @@ def train_epoch(run, epoch: int, loss: float, record: dict | None) -> None:
 
 
 def scalar_metrics(metrics: dict, prefix: str) -> dict:
-    """The top-level numbers of a metric dict (not counts such as ``n``)."""
+    """The top-level numbers of a metric dict (not counts: ``n``, ``n_questions``)."""
     return {prefix + k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n"}
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and k != "n" and not k.startswith("n_")}
 
 
 def _without(record: dict, key: str) -> dict:
