@@ -13,6 +13,7 @@ import itertools
 import torch
 from torch.utils.data import Subset
 
+from core import pictures
 from core.loop import (autocast, build_net, checkpoint_payload, evaluate, format_metrics,
                        grad_scaler, load_checked, loader, resume_state, run_epoch,
                        stopped_message, to_device)
@@ -78,8 +79,9 @@ def run_search(cfg, task, run) -> dict:
                 architect.step(lambda: arch_loss(arch_batch), path_gen,
                                lambda problem: stopped_message(where, problem, task, arch_batch))
 
-        line, step = run_epoch(net, task, weight_set, cfg, device, optim, params, scaler, epoch,
-                               step, "search", before_step=sample_path, after_step=arch_step)
+        line, step, loss = run_epoch(net, task, weight_set, cfg, device, optim, params, scaler,
+                                     epoch, step, "search", before_step=sample_path,
+                                     after_step=arch_step)
         arch = current_arch(net.backbone)
         archs[f"epoch{epoch + 1}"] = arch.to_json()
         ckpt = run.checkpoint(epoch + 1, checkpoint_payload(
@@ -90,6 +92,7 @@ def run_search(cfg, task, run) -> dict:
         metrics = _score_argmax(net, task, arch_set, cfg, device, path_gen)
         run.log(f"epoch {epoch + 1}: arg-max sub-network on the architecture split: "
                 f"{format_metrics(metrics)}")
+        pictures.search_epoch(run, net, epoch + 1, loss, metrics)
     run.log(f"search finished: architectures in {arch_file} (use --ARCH_PATH={arch_file} "
             f"--ARCH_EPOCH=N)")
     return metrics

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from core import pictures
 from core.arch import Arch, load_arch, parse_arch
 from core.loop import (build_net, checkpoint_payload, evaluate, format_metrics, grad_scaler,
                        load_checked, resume_state, run_epoch)
@@ -101,8 +102,8 @@ def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
     run.log(f"training on {cfg.TRAIN_SPLIT}: {len(train_set)} samples")
     metrics = history[-1][next(iter(eval_sets))] if history and eval_sets else {}
     for epoch in range(start_epoch, cfg.MAX_EPOCH):
-        line, step = run_epoch(net, task, train_set, cfg, device, optim, params, scaler, epoch,
-                               step, "train")
+        line, step, loss = run_epoch(net, task, train_set, cfg, device, optim, params, scaler,
+                                     epoch, step, "train")
         run.log(line)
         # Evaluate before the checkpoint, so that it holds the history up to this epoch.
         if eval_sets:
@@ -116,5 +117,6 @@ def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
             "train", task, cfg, arch, epoch + 1, step, net, optim, rng_state()),
             outputs={"metrics.json": history} if eval_sets else {})
         run.log(f"epoch {epoch + 1}: checkpoint {ckpt.name}")
+        pictures.train_epoch(run, epoch + 1, loss, history[-1] if eval_sets else None)
     run.log(f"training finished: checkpoints in {run.folder}")
     return metrics

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from core.run import start
+from core.pictures import PictureError, draw_attention
 from core.search import run_search
 from core.tasks.vqa import VQATask
 from core.train import run_train
@@ -48,6 +49,17 @@ def test_search_script_writes_architecture_checkpoint_and_log(roots):
     assert (folder / "epoch1.pkl").exists() and (folder / "last").read_text().strip() == \
         "epoch1.pkl"
     assert "HSIZE: 64" in (folder / "config.yaml").read_text()
+    # the search drew itself: the pictures hold the checkpoint's softmax(alpha)
+    pics = folder / "pictures"
+    assert {"alphas_epoch1.png", "alpha_trajectories.png", "arch_epoch1.png", "curves.png"} \
+        <= {p.name for p in pics.iterdir()}
+    history = json.loads((pics / "history.json").read_text())
+    state = torch.load(folder / "epoch1.pkl", weights_only=True)["state_dict"]
+    assert history[0]["alphas"]["dec"][17] == pytest.approx(
+        torch.softmax(state["backbone.dec_list.17.alpha"], -1).tolist())
+    with pytest.raises(PictureError, match="a search checkpoint; the attention map needs a "
+                                           "training checkpoint"):
+        draw_attention(folder / "epoch1.pkl", "1", base / "no.png")
     # the search's architecture file trains directly (original flag name --GENO_EPOCH)
     metrics, _ = train(QUICK + paths + [f"--ARCH_PATH={folder / 'arch.json'}",
                                         "--GENO_EPOCH=1", "--MAX_EPOCH=1",
@@ -68,6 +80,12 @@ def test_train_val_test_and_resume(roots):
     # --RESUME continues after epoch 1 to epoch 2
     train(common + ["--MAX_EPOCH=2", "--VERSION=t", "--RESUME"])
     assert torch.load(folder / "epoch2.pkl", weights_only=True)["epoch"] == 2
+    # the training drew its curves: the numbers of metrics.json, one point per epoch
+    curves = json.loads((folder / "pictures" / "history.json").read_text())
+    assert [(r["epoch"], r["val overall"]) for r in curves] == [
+        (r["epoch"], pytest.approx(r["val"]["overall"])) for r in
+        json.loads((folder / "metrics.json").read_text())]
+    assert (folder / "pictures" / "curves.png").stat().st_size > 1000
 
     # --RUN=val on the checkpoint gives the logged accuracy of that epoch
     ckpt = f"--CKPT_PATH={folder / 'epoch2.pkl'}"
@@ -76,6 +94,16 @@ def test_train_val_test_and_resume(roots):
     assert val["val"]["overall"] == pytest.approx(logged)
     assert json.loads((val_folder / "metrics_val.json").read_text()) == val
     assert val_folder == base / "logs" / "vqa" / "val" / "v"
+
+    # the attention map of that checkpoint answers what --RUN=val answered
+    answer = json.loads((val_folder / "result_val.json").read_text())[0]
+    drawn = draw_attention(folder / "epoch2.pkl", str(answer["question_id"]),
+                           base / "attention.png", log=lambda _: None)
+    assert drawn["lines"][2].split()[0] == answer["answer"] and len(drawn["lines"]) >= 7
+    assert drawn["regions"].sum() == pytest.approx(1.0) and drawn["background"] == "blank"
+    assert sum(a for _, a in drawn["words"]) == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(PictureError, match="--sample=7: no question_id 7 in split 'val'"):
+        draw_attention(folder / "epoch2.pkl", "7", base / "no.png", log=lambda _: None)
 
     # --RUN=test writes the EvalAI upload file: every test question, one string answer
     _, test_folder = train(QUICK + paths + ["--RUN=test", ckpt, "--VERSION=u"])
