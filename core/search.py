@@ -84,15 +84,18 @@ def run_search(cfg, task, run) -> dict:
                                      after_step=arch_step)
         arch = current_arch(net.backbone)
         archs[f"epoch{epoch + 1}"] = arch.to_json()
-        ckpt = run.checkpoint(epoch + 1, checkpoint_payload(
-            "search", task, cfg, arch, epoch + 1, step, net, optim, rng_state(path_gen),
-            arch_optim=architect.optim.state_dict()), outputs={arch_file.name: archs})
-        run.log(f"{line}; checkpoint {ckpt.name}; architecture 'epoch{epoch + 1}' -> {arch_file}")
+        run.log(line)
         run.log(block_weights(net))
         metrics = _score_argmax(net, task, arch_set, cfg, device, path_gen)
         run.log(f"epoch {epoch + 1}: arg-max sub-network on the architecture split: "
                 f"{format_metrics(metrics)}")
+        # Drawn before the checkpoint: an epoch killed in between is redone, and redrawn.
         pictures.search_epoch(run, net, epoch + 1, loss, metrics)
+        ckpt = run.checkpoint(epoch + 1, checkpoint_payload(
+            "search", task, cfg, arch, epoch + 1, step, net, optim, rng_state(path_gen),
+            arch_optim=architect.optim.state_dict()), outputs={arch_file.name: archs})
+        run.log(f"epoch {epoch + 1}: checkpoint {ckpt.name}; architecture 'epoch{epoch + 1}' "
+                f"-> {arch_file}")
     run.log(f"search finished: architectures in {arch_file} (use --ARCH_PATH={arch_file} "
             f"--ARCH_EPOCH=N)")
     return metrics

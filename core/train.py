@@ -113,10 +113,11 @@ def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
                 run.log(f"epoch {epoch + 1}: {split} {format_metrics(record[split])}")
             history.append(record)
             metrics = record[next(iter(eval_sets))]
+        # Drawn before the checkpoint: an epoch killed in between is redone, and redrawn.
+        pictures.train_epoch(run, epoch + 1, loss, history[-1] if eval_sets else None)
         ckpt = run.checkpoint(epoch + 1, checkpoint_payload(
             "train", task, cfg, arch, epoch + 1, step, net, optim, rng_state()),
             outputs={"metrics.json": history} if eval_sets else {})
         run.log(f"epoch {epoch + 1}: checkpoint {ckpt.name}")
-        pictures.train_epoch(run, epoch + 1, loss, history[-1] if eval_sets else None)
     run.log(f"training finished: checkpoints in {run.folder}")
     return metrics
