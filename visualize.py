@@ -9,18 +9,16 @@ image file is drawn when it is under <DATA_ROOT>/images/ (or one folder below), 
 blank canvas of the image's size.
 """
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-from core.arch import ArchError, parse_arch
+from core.arch import ArchError, parse_arch, read_arch_file
 from core.cli import fail
 from core.config import ConfigError
 from core.pictures import PictureError, draw_attention
 from utils import plots
 from utils.checkpoint import CheckpointError
-from utils.io import decode_utf8
 
 
 def arch_command(args) -> Path:
@@ -36,12 +34,7 @@ def arch_command(args) -> Path:
 def _entry(path: Path, epoch: int | None) -> tuple[str, dict]:
     """("epochN", its entry, checked as training checks it) of an architecture file; the
     last entry when ``epoch`` is None. Any number of blocks is drawn."""
-    if not path.is_file():
-        raise ArchError(f"architecture file {path} does not exist")
-    try:
-        data = json.loads(decode_utf8(path, path.read_bytes()))
-    except json.JSONDecodeError as e:
-        raise ArchError(f"{path}: not valid JSON ({e})") from None
+    data = read_arch_file(path)
     if not isinstance(data, dict) or not data:
         raise ArchError(f"{path}: expected an object of \"epochN\" entries")
     key = f"epoch{epoch}" if epoch is not None else list(data)[-1]

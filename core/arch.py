@@ -55,14 +55,19 @@ def parse_arch(entry, source: str, n_enc: int, n_dec: int) -> Arch:
     return Arch(**sides)
 
 
-def load_arch(path: str | Path, epoch: int, n_enc: int, n_dec: int) -> Arch:
-    path = Path(path)
+def read_arch_file(path: Path):
+    """The parsed JSON of an architecture file; a missing or unreadable one is an ArchError."""
     if not path.is_file():
         raise ArchError(f"architecture file {path} does not exist")
     try:
-        data = json.loads(decode_utf8(path, path.read_bytes()))
+        return json.loads(decode_utf8(path, path.read_bytes()))
     except json.JSONDecodeError as e:
         raise ArchError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_arch(path: str | Path, epoch: int, n_enc: int, n_dec: int) -> Arch:
+    path = Path(path)
+    data = read_arch_file(path)
     key = f"epoch{epoch}"
     if not isinstance(data, dict) or key not in data:
         have = ", ".join(sorted(data, key=_epoch_order)) if isinstance(data, dict) else "none"
