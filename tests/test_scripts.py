@@ -12,6 +12,7 @@ from core.pictures import PictureError, draw_attention
 from core.search import run_search
 from core.tasks.vqa import VQATask
 from core.train import run_train
+from visualize import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny runs: few samples, small batches, architecture steps from the first epoch
@@ -59,7 +60,7 @@ def test_search_script_writes_architecture_checkpoint_and_log(roots):
         torch.softmax(state["backbone.dec_list.17.alpha"], -1).tolist())
     with pytest.raises(PictureError, match="a search checkpoint; the attention map needs a "
                                            "training checkpoint"):
-        draw_attention(folder / "epoch1.pkl", "1", base / "no.png")
+        draw_attention(folder / "epoch1.pkl", "1", base / "no.png", TASKS)
     # the search's architecture file trains directly (original flag name --GENO_EPOCH)
     metrics, _ = train(QUICK + paths + [f"--ARCH_PATH={folder / 'arch.json'}",
                                         "--GENO_EPOCH=1", "--MAX_EPOCH=1",
@@ -98,12 +99,12 @@ def test_train_val_test_and_resume(roots):
     # the attention map of that checkpoint answers what --RUN=val answered
     answer = json.loads((val_folder / "result_val.json").read_text())[0]
     drawn = draw_attention(folder / "epoch2.pkl", str(answer["question_id"]),
-                           base / "attention.png", log=lambda _: None)
+                           base / "attention.png", TASKS, log=lambda _: None)
     assert drawn["lines"][2].split()[0] == answer["answer"] and len(drawn["lines"]) >= 7
     assert drawn["regions"].sum() == pytest.approx(1.0) and drawn["background"] == "blank"
     assert sum(a for _, a in drawn["words"]) == pytest.approx(1.0, abs=1e-4)
     with pytest.raises(PictureError, match="--sample=7: no question_id 7 in split 'val'"):
-        draw_attention(folder / "epoch2.pkl", "7", base / "no.png", log=lambda _: None)
+        draw_attention(folder / "epoch2.pkl", "7", base / "no.png", TASKS, log=lambda _: None)
 
     # --RUN=test writes the EvalAI upload file: every test question, one string answer
     _, test_folder = train(QUICK + paths + ["--RUN=test", ckpt, "--VERSION=u"])
