@@ -86,6 +86,16 @@ def test_padded_proposals_never_win_and_acc_uses_regression():
     assert metric == {"acc": 50.0, "n": 2}
 
 
+def test_attention_reading_outlines_the_predicted_and_the_true_box():
+    batch = _hand_batch()
+    scores = torch.tensor([[0.0, 5.0, -1.0, 99.0]])   # proposal 1: e^5 / (1 + e^5 + e^-1) = 0.991
+    lines, marked, regions = _task().attention_reading((scores, torch.zeros(1, 4, 4)), batch, {})
+    assert lines == ["predicted box score 0.991", "IoU with true 0.568", "correct (IoU >= 0.5)"]
+    assert marked["predicted"] == (pytest.approx([0, 0, 10, 15]), "#2ca02c")
+    assert marked["true"] == ([0.0, 0.0, 9.0, 9.0], "#d62728")
+    assert regions.argmax() == 1 and regions[3] == 0 and regions.sum() == pytest.approx(1.0)
+
+
 def test_released_vgd_checkpoint_loads():
     cfg = small_cfg(DATASET="demo")
     from core.arch import Arch
