@@ -15,7 +15,7 @@ from core.tasks.itm import ITMTask
 from core.tasks.vgd import VGDTask
 from core.tasks.vqa import VQATask
 from core.train import run_train
-from test_refer_preprocess import REAL as REFCOCOG, edit_refs
+from test_tasks_vgd_refer import REAL as REFCOCOG, edit_refs
 
 SCRIPTS = {"vqa": VQATask, "vgd": VGDTask, "itm": ITMTask}
 
