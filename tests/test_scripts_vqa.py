@@ -1,5 +1,6 @@
 """End to end on the demo data: search, resume, train, val, test — through the scripts."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,28 @@ def test_checkpoint_with_reordered_vocabulary_is_refused(roots, capsys):
                                                   f"--CKPT_PATH={path}"])
     assert (f"error: {path}: its word vocabulary differs from the data's at index 3: "
             f"checkpoint {second!r}, data {first!r}") in capsys.readouterr().err
+
+
+def test_train_script_unknown_flag_exits_2_with_one_error_line(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "train_vqa.py", "--DATASET=demo", "--HSIZ=3",
+                           f"--LOG_ROOT={tmp_path}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error:")
+    assert "--HSIZ" in proc.stderr and "HSIZE" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    assert not any(tmp_path.iterdir())               # no run folder made
+
+
+def test_train_script_missing_arch_file_exits_2_with_one_error_line(vqa_val_root):
+    root, _ = vqa_val_root
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "train_vqa.py", f"--DATA_ROOT={root}",
+                           "--WORD_VECTORS=hash", f"--LOG_ROOT={root / 'logs'}",
+                           f"--ARCH_PATH={root / 'nope.json'}", "--VERSION=a"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert f"architecture file {root / 'nope.json'} does not exist" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr

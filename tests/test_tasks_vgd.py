@@ -1,13 +1,17 @@
 """Visual grounding: boxes, targets, loss masking, Acc@0.5 — hand-computed values."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from core.tasks.vgd import VGDHead, VGDTask
-from netkit import fixed_net, small_cfg
+from conftest import latin1_into
+from core.tasks.vgd import VGDHead, VGDTask, refer
 from core.tasks.vgd.boxes import clip_boxes, decode_deltas, encode_deltas, iou, xywh_to_xyxy
+from netkit import fixed_net, small_cfg
 from utils.checkpoint import load_weights
+
+DATA = Path(__file__).resolve().parent / "data"
 
 
 def test_iou_uses_plus_one_widths():
@@ -111,3 +115,19 @@ def test_released_vgd_checkpoint_loads():
     load_weights(fresh, released, "released.pkl", VGDTask.original_key_prefixes)
     for k, v in net.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v)
+
+
+def test_non_utf8_grounding_split_names_the_file(tmp_path):
+    from core.config import resolve
+    from core.tasks.vgd import VGDTask
+    folder = tmp_path / "vgd" / "refcocog"
+    splits = refer.convert("refcocog", DATA / "refcocog")
+    refer.write_splits(splits, folder)
+    path = folder / "val.json"
+    offset = latin1_into(path, splits["val"][0]["sent"])
+    task = VGDTask(resolve("vgd", "train", {"DATA_ROOT": str(tmp_path), "DATASET": "refcocog",
+                                           "WORD_VECTORS": "hash"}), log=lambda m: None)
+    with pytest.raises(ValueError) as e:
+        task.prepare()
+    assert str(e.value).startswith(f"{path}: not UTF-8 text: byte 0xe9 at byte offset "
+                                   f"{offset:,} (line ")
