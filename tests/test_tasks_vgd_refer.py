@@ -381,3 +381,19 @@ def test_python2_protocol0_refs_with_a_set_still_load(raw):
     (raw / "refs(umd).p").write_bytes(data)
     loaded = refer.load_refs(raw / "refs(umd).p")
     assert loaded[0]["tags"] == {"a"} and len(loaded) == 15
+
+
+def test_refs_file_with_an_empty_split_is_refused(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("instances.json", "refs(umd).p"):
+        shutil.copyfile(REAL / name, raw / name)
+    edit_refs(raw, lambda refs: [r.update(split="train") for r in refs if r["split"] == "val"])
+    out = tmp_path / "out"
+    assert main(["--dataset", "refcocog", "--raw", str(raw), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert f"{raw / 'refs(umd).p'}: no ref in split 'val'" in err
+    assert "expected refs in every split of refcocog" in err
+    assert "train 10, val 0, test 5" in err
+    assert not out.exists()                             # no split file written
