@@ -136,6 +136,8 @@ KEYS: dict[str, Key] = {
                       form=SPLITS_COMMA, defines_run=False),   # a training run never reads it
     "EVAL_EVERY_EPOCH": Key("bool", True, "evaluate EVAL_SPLIT after each epoch when it is not "
                             "in TRAIN_SPLIT"),
+    "PICTURES": Key("bool", True, "draw the run's pictures (pictures/*.png) after every epoch; "
+                    "pictures/history.json is written either way", defines_run=False),
     "AMP": Key("str", "off", "mixed precision for search, training and evaluation: off | bf16 "
                "| fp16 (fp16 with loss scaling; bf16 also on CPUs with bf16 units)",
                choices=("off", "bf16", "fp16")),

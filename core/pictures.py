@@ -27,8 +27,9 @@ from utils.io import atomic_write_json
 
 
 # --- after every epoch -------------------------------------------------------------------
-def search_epoch(run, net, epoch: int, loss: float, metrics: dict) -> None:
-    """Rank 0, after the epoch's checkpoint and arg-max score."""
+def search_epoch(run, net, epoch: int, loss: float, metrics: dict, drawn: bool = True) -> None:
+    """Rank 0, after the epoch's arg-max score; ``drawn`` False (``--PICTURES=false``) keeps
+    only the numbers (history.json)."""
     blocks = {side: list(getattr(net.backbone, f"{side}_list")) for side in ("enc", "dec")}
     record = {"epoch": epoch, "loss": loss, **scalar_metrics(metrics, "arch split "),
               "alphas": {side: [m.probs().tolist() for m in b] for side, b in blocks.items()}}
@@ -47,17 +48,18 @@ def search_epoch(run, net, epoch: int, loss: float, metrics: dict) -> None:
                            f"arg-max architecture after epoch {epoch}")
         plots.curves(folder / "curves.png", [_without(r, "alphas") for r in records],
                      "search: weight-step loss, arg-max metric on the architecture split")
-    _update(run, record, draw)
+    _update(run, record, draw if drawn else None)
 
 
-def train_epoch(run, epoch: int, loss: float, record: dict | None) -> None:
-    """Rank 0, after the epoch's checkpoint; ``record`` is its metrics.json entry (or None)."""
+def train_epoch(run, epoch: int, loss: float, record: dict | None, drawn: bool = True) -> None:
+    """Rank 0, after the epoch's evaluation; ``record`` is its metrics.json entry (or None);
+    ``drawn`` as for ``search_epoch``."""
     entry = {"epoch": epoch, "loss": loss}
     for split, metrics in (record or {}).items():
         if split != "epoch":
             entry.update(scalar_metrics(metrics, f"{split} "))
-    _update(run, entry, lambda folder, records: plots.curves(
-        folder / "curves.png", records, "training: loss, metrics per epoch"))
+    _update(run, entry, (lambda folder, records: plots.curves(
+        folder / "curves.png", records, "training: loss, metrics per epoch")) if drawn else None)
 
 
 def scalar_metrics(metrics: dict, prefix: str) -> dict:
@@ -87,7 +89,8 @@ def _update(run, record: dict, draw) -> None:
     try:
         folder.mkdir(exist_ok=True)
         atomic_write_json(path, records)
-        draw(folder, records)
+        if draw is not None:
+            draw(folder, records)
     except OSError as e:
         run.log(f"warning: pictures of epoch {record['epoch']} not written to {folder}: "
                 f"{e.strerror or e}")
