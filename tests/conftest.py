@@ -64,6 +64,13 @@ def vqa_val_root(tmp_path):
     return tmp_path, feats
 
 
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """One ``--DATA_ROOT`` shared by the end-to-end runs on ``--DATASET=demo``: the first run of
+    a task builds its demo data there (seconds), the later ones find it built."""
+    return tmp_path_factory.mktemp("demo-data")
+
+
 @pytest.fixture
 def npz_writer():
     """``write_npz`` (see above), for tests that make their own feature files."""
@@ -124,7 +131,7 @@ def tiny_args(root: Path, kind: str) -> list[str]:
             f"--SUBSET={SUBSET}", f"--BS={SUBSET}", "--NW=0", "--SEED=3", "--MAX_EPOCH=1",
             "--EVAL_EVERY_EPOCH=false", "--HSIZE=64", "--FLAT_MLP_SIZE=64", "--REL_SIZE=16",
             "--MAX_REGIONS=16", "--MAX_TOKEN=8", "--ENC_BLOCKS=1", "--DEC_BLOCKS=1",
-            "--VERSION=a"]
+            "--VERSION=a", "--PICTURES=false"]
     if kind == "train":
         arch = root / "tiny_arch.json"
         arch.write_text(json.dumps(TINY_ARCH))

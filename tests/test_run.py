@@ -20,7 +20,6 @@ from core.tasks.vgd import VGDTask
 from core.tasks.vqa import VQATask
 from core.train import run_train
 from runkit import _assert_same, build_data, files_of, train_flags
-from utils.checkpoint import save_checkpoint
 from utils.io import atomic_write_text
 
 
@@ -201,18 +200,6 @@ def test_full_disk_during_a_checkpoint_is_a_logged_error(finished, tmp_path, cap
     for name in ("epoch1.pkl", "last", "metrics.json"):
         assert after[name] == before[name], name
     assert not [n for n in after if n.endswith(".tmp")] and "epoch2.pkl" not in after
-
-
-@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
-def test_written_files_follow_the_umask(tmp_path, umask, mode):
-    old = os.umask(umask)
-    try:
-        atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
-        save_checkpoint(tmp_path / "epoch1.pkl", {"state_dict": {"w": torch.ones(2)}})
-    finally:
-        os.umask(old)
-    assert (tmp_path / "config.yaml").stat().st_mode & 0o777 == mode
-    assert (tmp_path / "epoch1.pkl").stat().st_mode & 0o777 == mode
 
 
 SCRIPTS = {"vqa": VQATask, "vgd": VGDTask, "itm": ITMTask}

@@ -12,14 +12,14 @@ from core.tasks.itm import ITMTask
 from core.train import run_train
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = ["--DATASET=demo", "--SUBSET=12", "--BS=16", "--NW=0", "--SEED=3",
+QUICK = ["--DATASET=demo", "--SUBSET=12", "--BS=16", "--NW=0", "--SEED=3", "--PICTURES=false",
          "--ITM_NEG_CANDIDATES=8", "--ITM_HARD_NEG_EPOCH=0"]   # mine from the first epoch
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory):
+def paths(tmp_path_factory, demo_data):
     base = tmp_path_factory.mktemp("itm")
-    return base, [f"--DATA_ROOT={base / 'data'}", f"--LOG_ROOT={base / 'logs'}"]
+    return base, [f"--DATA_ROOT={demo_data}", f"--LOG_ROOT={base / 'logs'}"]
 
 
 def test_search_train_and_test(paths):

@@ -11,13 +11,13 @@ from core.tasks.vgd import VGDTask
 from core.train import run_train
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = ["--DATASET=demo", "--SUBSET=64", "--BS=16", "--NW=0", "--SEED=3"]
+QUICK = ["--DATASET=demo", "--SUBSET=64", "--BS=16", "--NW=0", "--SEED=3", "--PICTURES=false"]
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory):
+def paths(tmp_path_factory, demo_data):
     base = tmp_path_factory.mktemp("vgd")
-    return base, [f"--DATA_ROOT={base / 'data'}", f"--LOG_ROOT={base / 'logs'}"]
+    return base, [f"--DATA_ROOT={demo_data}", f"--LOG_ROOT={base / 'logs'}"]
 
 
 def test_search_then_train_the_found_architecture(paths):

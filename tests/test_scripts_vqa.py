@@ -21,9 +21,9 @@ QUICK = ["--DATASET=demo", "--SUBSET=96", "--BS=16", "--NW=0", "--SEED=7"]
 
 
 @pytest.fixture(scope="module")
-def roots(tmp_path_factory):
+def roots(tmp_path_factory, demo_data):
     base = tmp_path_factory.mktemp("e2e")
-    return [f"--DATA_ROOT={base / 'data'}", f"--LOG_ROOT={base / 'logs'}"], base
+    return [f"--DATA_ROOT={demo_data}", f"--LOG_ROOT={base / 'logs'}"], base
 
 
 def search(args):
@@ -110,7 +110,8 @@ def test_train_val_test_and_resume(roots):
     # --RUN=test writes the EvalAI upload file: every test question, one string answer
     _, test_folder = train(QUICK + paths + ["--RUN=test", ckpt, "--VERSION=u"])
     result = json.loads((test_folder / "result_test.json").read_text())
-    questions = json.loads((base / "data" / "vqa" /
+    data = paths[0].split("=", 1)[1]
+    questions = json.loads((Path(data) / "vqa" /
                             "v2_OpenEnded_mscoco_test2015_questions.json").read_text())
     assert [r["question_id"] for r in result] == \
         [q["question_id"] for q in questions["questions"][:96]]

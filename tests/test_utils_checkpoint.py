@@ -13,7 +13,6 @@ from netkit import batch, fixed_net, small_cfg
 from releasedkit import released_names
 from utils.checkpoint import (CheckpointError, load_checkpoint, load_weights, map_original_keys,
                               save_checkpoint)
-from utils.io import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,20 +87,6 @@ def test_our_checkpoint_is_self_describing_and_weights_only(tmp_path):
     # optimiser state round-trips
     optim2 = torch.optim.Adam(fixed_net(cfg, arch).parameters())
     optim2.load_state_dict(ckpt["net_optim"])
-
-
-def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
-    path = tmp_path / "epoch1.pkl"
-    path.write_text("old")
-
-    def crash(tmp):
-        open(tmp, "w").write("half")
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write(path, crash)
-    assert path.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["epoch1.pkl"]
 
 
 def test_shipped_architecture_builds_at_paper_size():
