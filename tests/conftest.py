@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import demo  # noqa: F401  (registers the --DATASET=demo builders, as the scripts do)
 from core.run import main
@@ -62,6 +63,15 @@ def vqa_val_root(tmp_path):
         feats[iid] = write_npz(folder / feature_name("val2014", iid), k, seed=iid,
                                transposed=iid != 262148)
     return tmp_path, feats
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny networks: a second thread only spins (and costs 10x the CPU on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

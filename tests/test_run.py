@@ -23,15 +23,6 @@ from runkit import _assert_same, build_data, files_of, train_flags
 from utils.io import atomic_write_text
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks: a second thread only spins (and costs 10x the CPU on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, one_thread):
     """A finished 2-epoch training run; returns (its folder, the flags that made it)."""

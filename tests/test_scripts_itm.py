@@ -1,5 +1,6 @@
 """Image–text matching end to end on the demo data: search, train, test — through the scripts."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,8 @@ def test_search_train_and_test(paths):
     base, roots = paths
     out = subprocess.run([sys.executable, "search_itm.py", *QUICK, *roots, "--MAX_EPOCH=1",
                           "--ARCH_START_EPOCH=0", "--VERSION=s"], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-2000:]
     search = base / "logs" / "itm" / "search" / "s"
     assert "arg-max sub-network on the architecture split: i2t" in (search / "log.txt").read_text()

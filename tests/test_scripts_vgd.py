@@ -1,5 +1,6 @@
 """Visual grounding end to end on the demo data: search, train, test — through the scripts."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,10 @@ def paths(tmp_path_factory, demo_data):
 
 def test_search_then_train_the_found_architecture(paths):
     base, roots = paths
-    out = subprocess.run([sys.executable, "search_vgd.py", *QUICK, *roots, "--MAX_EPOCH=1",
-                          "--ARCH_START_EPOCH=0", "--VERSION=s"], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "search_vgd.py", *QUICK, "--SUBSET=16", *roots,
+                          "--MAX_EPOCH=1", "--ARCH_START_EPOCH=0", "--VERSION=s"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))   # a later flag wins
     assert out.returncode == 0, out.stderr[-2000:]
     folder = base / "logs" / "vgd" / "search" / "s"
     assert "epoch1" in json.loads((folder / "arch.json").read_text())

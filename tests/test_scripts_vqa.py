@@ -18,6 +18,8 @@ from visualize import TASKS
 REPO = Path(__file__).resolve().parents[1]
 # tiny runs: few samples, small batches, architecture steps from the first epoch
 QUICK = ["--DATASET=demo", "--SUBSET=96", "--BS=16", "--NW=0", "--SEED=7"]
+# the runs whose checks count no samples take a third of them (a later flag wins)
+FEWER = ["--SUBSET=32"]
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +41,10 @@ def train(args):
 
 def test_search_script_writes_architecture_checkpoint_and_log(roots):
     paths, base = roots
-    out = subprocess.run([sys.executable, "search_vqa.py", *QUICK, *paths, "--MAX_EPOCH=1",
-                          "--ARCH_START_EPOCH=0", "--VERSION=script"], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "search_vqa.py", *QUICK, *FEWER, *paths,
+                          "--MAX_EPOCH=1", "--ARCH_START_EPOCH=0", "--VERSION=script"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-2000:]
     folder = base / "logs" / "vqa" / "search" / "script"
     arch = json.loads((folder / "arch.json").read_text())
@@ -63,7 +66,7 @@ def test_search_script_writes_architecture_checkpoint_and_log(roots):
                                            "training checkpoint"):
         draw_attention(folder / "epoch1.pkl", "1", base / "no.png", TASKS)
     # the search's architecture file trains directly (original flag name --GENO_EPOCH)
-    metrics, _ = train(QUICK + paths + [f"--ARCH_PATH={folder / 'arch.json'}",
+    metrics, _ = train(QUICK + FEWER + paths + [f"--ARCH_PATH={folder / 'arch.json'}",
                                         "--GENO_EPOCH=1", "--MAX_EPOCH=1",
                                         "--VERSION=from-search"])
     assert "overall" in metrics
@@ -71,7 +74,7 @@ def test_search_script_writes_architecture_checkpoint_and_log(roots):
 
 def test_train_val_test_and_resume(roots):
     paths, base = roots
-    common = QUICK + paths + ["--ARCH_PATH=arch/mmnas_vqa.json"]
+    common = QUICK + FEWER + paths + ["--ARCH_PATH=arch/mmnas_vqa.json"]
     metrics, folder = train(common + ["--MAX_EPOCH=1", "--VERSION=t"])   # val of the last epoch
     assert 0.0 <= metrics["overall"] <= 100.0 and set(metrics["perAnswerType"]) == \
         {"yes/no", "number", "other"}
@@ -91,7 +94,7 @@ def test_train_val_test_and_resume(roots):
 
     # --RUN=val on the checkpoint gives the logged accuracy of that epoch
     ckpt = f"--CKPT_PATH={folder / 'epoch2.pkl'}"
-    val, val_folder = train(QUICK + paths + ["--RUN=val", ckpt, "--VERSION=v"])
+    val, val_folder = train(QUICK + FEWER + paths + ["--RUN=val", ckpt, "--VERSION=v"])
     logged = json.loads((folder / "metrics.json").read_text())[-1]["val"]["overall"]
     assert val["val"]["overall"] == pytest.approx(logged)
     assert json.loads((val_folder / "metrics_val.json").read_text()) == val
