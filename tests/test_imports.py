@@ -4,19 +4,19 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ["utils", "core", "demo", "bench", "."]
+NOT_SOURCES = {"tests", "datasets", "logs", "docs"}      # and hidden folders (.git, .ci)
 
 
 def module_files() -> dict[str, Path]:
     """{dotted module name: file} of every project module (tests excluded)."""
     found = {}
-    for folder in SOURCES:
-        files = sorted((REPO / folder).glob("*.py" if folder == "." else "**/*.py"))
-        for path in files:
-            parts = list(path.relative_to(REPO).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            found[".".join(parts)] = path
+    for path in sorted(REPO.rglob("*.py")):
+        parts = list(path.relative_to(REPO).with_suffix("").parts)
+        if parts[0] in NOT_SOURCES or any(p.startswith(".") for p in parts):
+            continue
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
     return found
 
 
