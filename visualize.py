@@ -17,6 +17,9 @@ from core.arch import ArchError, parse_arch, read_arch_file
 from core.cli import fail
 from core.config import ConfigError
 from core.pictures import PictureError, draw_attention
+from core.tasks.itm import ITMTask
+from core.tasks.vgd import VGDTask
+from core.tasks.vqa import VQATask
 from utils import plots
 from utils.checkpoint import CheckpointError
 
@@ -47,9 +50,12 @@ def _entry(path: Path, epoch: int | None) -> tuple[str, dict]:
     return key, entry
 
 
+TASKS = {"vqa": VQATask, "vgd": VGDTask, "itm": ITMTask}
+
+
 def attention_command(args) -> Path:
     out = Path(args.out or f"attention_{args.sample}.png")
-    drawn = draw_attention(args.checkpoint, args.sample, out, args.split, args.data_root)
+    drawn = draw_attention(args.checkpoint, args.sample, out, TASKS, args.split, args.data_root)
     where = drawn["image_file"] or "a blank canvas (no image file under DATA_ROOT/images/)"
     print(f"{out}: drawn over {where}")
     return out

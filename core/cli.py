@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from core.config import KEYS, ConfigError, parse_flag_value
+from core.config import KEYS, ConfigError, close_keys, parse_flag_value
 
 # The original's flag names -> config keys.
 ALIASES = {"RUN": "RUN_MODE", "BS": "BATCH_SIZE", "NW": "NUM_WORKERS", "SPLIT": "TRAIN_SPLIT",
@@ -32,9 +32,8 @@ def parse_args(argv: list[str], datasets: tuple[str, ...]) -> dict:
         name, eq, text = arg[2:].partition("=")
         name = ALIASES.get(name, name)
         if name not in KEYS:
-            from core.config import _close
             raise ConfigError(f"command line: unknown flag --{arg[2:].split('=')[0]}; close "
-                              f"matches: {_close(name)} (--help lists all keys)")
+                              f"matches: {close_keys(name)} (--help lists all keys)")
         if not eq:
             if KEYS[name].type == "bool" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
                 text = "true"          # a bare --RESUME

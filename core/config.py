@@ -8,6 +8,7 @@ the wrong type is an error that names the key, where it came from and what was e
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,8 @@ KEYS: dict[str, Key] = {
                       form=SPLITS_COMMA, defines_run=False),   # a training run never reads it
     "EVAL_EVERY_EPOCH": Key("bool", True, "evaluate EVAL_SPLIT after each epoch when it is not "
                             "in TRAIN_SPLIT"),
+    "PICTURES": Key("bool", True, "draw the run's pictures (pictures/*.png) after every epoch; "
+                    "pictures/history.json is written either way", defines_run=False),
     "AMP": Key("str", "off", "mixed precision for search, training and evaluation: off | bf16 "
                "| fp16 (fp16 with loss scaling; bf16 also on CPUs with bf16 units)",
                choices=("off", "bf16", "fp16")),
@@ -251,7 +254,7 @@ def check_value(name: str, value: Any, source: str) -> Any:
     """Return ``value`` if it fits the declared type of ``name`` (ints accepted as floats)."""
     if name not in KEYS:
         raise ConfigError(f"{source}: unknown config key {name!r}; "
-                          f"close matches: {_close(name)}")
+                          f"close matches: {close_keys(name)}")
     key = KEYS[name]
     if value is None and key.optional:
         return None
@@ -296,8 +299,8 @@ def _fits(type_: str, value: Any) -> tuple[bool, Any]:
     raise AssertionError(type_)
 
 
-def _close(name: str) -> str:
-    import difflib
+def close_keys(name: str) -> str:
+    """Up to three declared keys spelt like ``name`` (for 'unknown key' errors)."""
     return ", ".join(difflib.get_close_matches(name, KEYS, n=3)) or "none"
 
 

@@ -14,21 +14,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from core.arch import parse_arch
 from core.config import KEYS, resolve
 from core.loop import build_net, check_vocabularies
 from core.model import current_arch, fixed_backbone
 from core.run import ensure_data
-from core.tasks.vgd.boxes import iou
 from utils import plots
 from utils.checkpoint import load_checkpoint, load_weights
 from utils.io import atomic_write_json
 
 
 # --- after every epoch -------------------------------------------------------------------
-def search_epoch(run, net, epoch: int, loss: float, metrics: dict) -> None:
-    """Rank 0, after the epoch's checkpoint and arg-max score."""
+def search_epoch(run, net, epoch: int, loss: float, metrics: dict, drawn: bool = True) -> None:
+    """Rank 0, after the epoch's arg-max score; ``drawn`` False (``--PICTURES=false``) keeps
+    only the numbers (history.json)."""
     blocks = {side: list(getattr(net.backbone, f"{side}_list")) for side in ("enc", "dec")}
     record = {"epoch": epoch, "loss": loss, **scalar_metrics(metrics, "arch split "),
               "alphas": {side: [m.probs().tolist() for m in b] for side, b in blocks.items()}}
@@ -47,17 +48,18 @@ def search_epoch(run, net, epoch: int, loss: float, metrics: dict) -> None:
                            f"arg-max architecture after epoch {epoch}")
         plots.curves(folder / "curves.png", [_without(r, "alphas") for r in records],
                      "search: weight-step loss, arg-max metric on the architecture split")
-    _update(run, record, draw)
+    _update(run, record, draw if drawn else None)
 
 
-def train_epoch(run, epoch: int, loss: float, record: dict | None) -> None:
-    """Rank 0, after the epoch's checkpoint; ``record`` is its metrics.json entry (or None)."""
+def train_epoch(run, epoch: int, loss: float, record: dict | None, drawn: bool = True) -> None:
+    """Rank 0, after the epoch's evaluation; ``record`` is its metrics.json entry (or None);
+    ``drawn`` as for ``search_epoch``."""
     entry = {"epoch": epoch, "loss": loss}
     for split, metrics in (record or {}).items():
         if split != "epoch":
             entry.update(scalar_metrics(metrics, f"{split} "))
-    _update(run, entry, lambda folder, records: plots.curves(
-        folder / "curves.png", records, "training: loss, metrics per epoch"))
+    _update(run, entry, (lambda folder, records: plots.curves(
+        folder / "curves.png", records, "training: loss, metrics per epoch")) if drawn else None)
 
 
 def scalar_metrics(metrics: dict, prefix: str) -> dict:
@@ -87,7 +89,8 @@ def _update(run, record: dict, draw) -> None:
     try:
         folder.mkdir(exist_ok=True)
         atomic_write_json(path, records)
-        draw(folder, records)
+        if draw is not None:
+            draw(folder, records)
     except OSError as e:
         run.log(f"warning: pictures of epoch {record['epoch']} not written to {folder}: "
                 f"{e.strerror or e}")
@@ -138,7 +141,6 @@ def find_image(data_root: Path, image_id) -> Path | None:
 def load_image(path: Path | None):
     if path is None:
         return None
-    from PIL import Image
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
 
@@ -147,10 +149,11 @@ class PictureError(ValueError):
     """A sample or checkpoint that cannot be drawn; the message says which and why."""
 
 
-def draw_attention(ckpt_path, sample: str, out, split: str | None = None,
+def draw_attention(ckpt_path, sample: str, out, tasks: dict, split: str | None = None,
                    data_root: str | None = None, log=print) -> dict:
     """The attention map of one sample (VQA question id, VGD sent id, ITM caption index in
-    the split) under a training checkpoint; returns what ``plots.attention_map`` drew."""
+    the split) under a training checkpoint; returns what ``plots.attention_map`` drew.
+    ``tasks`` maps a task name to its Task class (the caller's: core does not import tasks)."""
     ckpt = load_checkpoint(ckpt_path)
     if ckpt.get("kind") != "train":
         raise PictureError(f"{ckpt_path}: a {ckpt.get('kind', 'released')} checkpoint; the "
@@ -161,7 +164,10 @@ def draw_attention(ckpt_path, sample: str, out, split: str | None = None,
     if data_root:
         values["DATA_ROOT"] = data_root
     cfg = resolve(ckpt["task"], "train", values)
-    task = _task_class(ckpt["task"])(cfg, log)
+    if ckpt["task"] not in tasks:
+        raise PictureError(f"{ckpt_path}: a checkpoint of task {ckpt['task']!r}; expected one "
+                           f"of {', '.join(tasks)}")
+    task = tasks[ckpt["task"]](cfg, log)
     ensure_data(cfg, task, log)
     task.prepare()
     note = check_vocabularies(ckpt, task.model_meta(), str(ckpt_path))
@@ -188,17 +194,6 @@ def draw_attention(ckpt_path, sample: str, out, split: str | None = None,
     return drawn
 
 
-def _task_class(name: str):
-    if name == "vqa":
-        from core.tasks.vqa import VQATask
-        return VQATask
-    if name == "vgd":
-        from core.tasks.vgd import VGDTask
-        return VGDTask
-    from core.tasks.itm import ITMTask
-    return ITMTask
-
-
 def _find_sample(task: str, dataset, sample: str, split: str) -> tuple[int, object]:
     """(index in the dataset, image id of the features) of a sample named on the command line."""
     what = {"vqa": "question_id", "vgd": "sent_id", "itm": "caption index"}[task]
@@ -219,33 +214,5 @@ def _find_sample(task: str, dataset, sample: str, split: str) -> tuple[int, obje
 
 def _reading(task, output, batch, att, sample, split) -> tuple[list[str], dict, np.ndarray]:
     """(text lines, marked boxes, region weights) of the task's answer."""
-    head = [f"{task.name} {split}, sample {sample}"]
-    if task.name == "vqa":
-        scores = torch.sigmoid(output[0].float())
-        top = torch.topk(scores, min(5, len(scores)))
-        lines = head + ["answer (top 5, sigmoid score):"] + [
-            f"  {task.ix_to_ans[i]:<14} {s:.3f}" for s, i in zip(top.values.tolist(),
-                                                               top.indices.tolist())]
-        truth = _true_answers(batch, task)
-        return lines + (["true (annotators):"] + truth if truth else []), {}, att["img"][0].numpy()
-    if task.name == "vgd":
-        scores, _ = output
-        pad = batch["img"].abs().sum(-1) == 0
-        regions = torch.softmax(scores.float().masked_fill(pad, -1e9), -1)[0].numpy()
-        pred = task.predict(output, batch)[0]
-        true = batch["gt"][0].tolist()
-        overlap = float(iou(torch.tensor([pred["box"]]), torch.tensor([true]))[0, 0])
-        lines = head + [f"predicted box score {pred['score']:.3f}", f"IoU with true {overlap:.3f}",
-                        "correct (IoU >= 0.5)" if pred["correct"] else "wrong (IoU < 0.5)"]
-        return lines, {"predicted": (pred["box"], "#2ca02c"), "true": (true, "#d62728")}, regions
-    score = float(torch.sigmoid(output.float().reshape(-1)[0]))
-    return head + [f"matching score {score:.3f}", "(sigmoid of the logit)"], {}, \
-        att["img"][0].numpy()
-
-
-def _true_answers(batch, task) -> list[str]:
-    if "target" not in batch:
-        return []
-    target = batch["target"][0]
-    order = torch.argsort(-target)[:5]
-    return [f"  {task.ix_to_ans[i]:<14} {target[i]:.2f}" for i in order.tolist() if target[i] > 0]
+    lines, marked, regions = task.attention_reading(output, batch, att)
+    return [f"{task.name} {split}, sample {sample}"] + lines, marked, regions

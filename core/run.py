@@ -11,6 +11,7 @@ import os
 import random
 import re
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -223,7 +224,6 @@ def _launch_per_gpu(argv: list[str], task_cls) -> None:
     ids = [g.strip() for g in gpus.split(",") if g.strip()]
     if len(ids) < 2:
         return
-    import subprocess
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(ids))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={len(ids)}", sys.argv[0], *argv]

@@ -90,7 +90,7 @@ def run_search(cfg, task, run) -> dict:
         run.log(f"epoch {epoch + 1}: arg-max sub-network on the architecture split: "
                 f"{format_metrics(metrics)}")
         # Drawn before the checkpoint: an epoch killed in between is redone, and redrawn.
-        pictures.search_epoch(run, net, epoch + 1, loss, metrics)
+        pictures.search_epoch(run, net, epoch + 1, loss, metrics, cfg.PICTURES)
         ckpt = run.checkpoint(epoch + 1, checkpoint_payload(
             "search", task, cfg, arch, epoch + 1, step, net, optim, rng_state(path_gen),
             arch_optim=architect.optim.state_dict()), outputs={arch_file.name: archs})

@@ -114,7 +114,8 @@ def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
             history.append(record)
             metrics = record[next(iter(eval_sets))]
         # Drawn before the checkpoint: an epoch killed in between is redone, and redrawn.
-        pictures.train_epoch(run, epoch + 1, loss, history[-1] if eval_sets else None)
+        pictures.train_epoch(run, epoch + 1, loss, history[-1] if eval_sets else None,
+                             cfg.PICTURES)
         ckpt = run.checkpoint(epoch + 1, checkpoint_payload(
             "train", task, cfg, arch, epoch + 1, step, net, optim, rng_state()),
             outputs={"metrics.json": history} if eval_sets else {})

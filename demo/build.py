@@ -51,12 +51,33 @@ def read_marker(marker: Path, version: str, seed: int, sizes: dict) -> dict | No
 def cli(description: str, marker_dir: str, build: Callable[..., dict],
         argv: list[str] | None = None) -> None:
     """``python3 -m demo.<task> [--root R] [--seed N] [--force]``: build, print stats."""
+    args = _parser(description).parse_args(argv)
+    _build_and_print(marker_dir, build, args)
+
+
+def cli_tasks(description: str, builders: dict[str, tuple[str, Callable[..., dict]]],
+              argv: list[str] | None = None) -> None:
+    """``python3 -m demo [--task T|all] [--root R] [--seed N] [--force]``: build the demo of
+    one task or of all of them (``builders``: task -> (marker folder, builder)), print stats."""
+    parser = _parser(description)
+    parser.add_argument("--task", choices=[*builders, "all"], default="all",
+                        help="the task whose demo to build (default: all)")
+    args = parser.parse_args(argv)
+    for name in builders if args.task == "all" else [args.task]:
+        print(f"{name}:")
+        _build_and_print(*builders[name], args)
+
+
+def _parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--root", default="datasets/demo", help="demo root")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true",
                         help="rebuild even if the completion marker matches")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _build_and_print(marker_dir: str, build: Callable[..., dict], args) -> None:
     if args.force:
         (Path(args.root) / marker_dir / ".demo_complete").unlink(missing_ok=True)
     start = time.perf_counter()

@@ -33,7 +33,8 @@ from demo import scenes as sc
 from demo.build import built_once, cli, resolve_sizes
 from demo.scenes import REL_WORDS, describe, phrase, pick
 from utils.io import atomic_write_json
-from core.tasks.vgd.boxes import area, clip_boxes, iou, xywh_to_xyxy
+from core.tasks.vgd import proposal_baselines
+from core.tasks.vgd.boxes import clip_boxes, iou, xywh_to_xyxy
 
 VERSION = "vgd-demo-1"
 SPLITS = ("train", "val", "testA", "testB")
@@ -378,25 +379,6 @@ def write_image_features(root: Path, image: VgdImage, seed: int) -> None:
 
 
 # --------------------------------------------------------------------------- stats
-
-
-def proposal_baselines(entries: list[dict], proposals: dict[int, np.ndarray]) -> tuple[float, float]:
-    """(random-proposal, largest-proposal) Acc@0.5 in percent over ``entries``.
-
-    Random is the expectation: the fraction of an image's proposals with IoU >= 0.5
-    with the ground truth, averaged over sentences.  ``proposals`` maps image id
-    to its [K, 4] x1 y1 x2 y2 boxes.
-    """
-    if not entries:
-        return 0.0, 0.0
-    rand, largest = [], []
-    for e in entries:
-        boxes = torch.as_tensor(np.asarray(proposals[e["image_id"]]), dtype=torch.float64)
-        gt = xywh_to_xyxy(torch.tensor([e["bbox"]], dtype=torch.float64))
-        hit = iou(boxes, gt)[:, 0] >= 0.5
-        rand.append(hit.double().mean().item())
-        largest.append(float(hit[int(area(boxes).argmax())]))
-    return 100.0 * float(np.mean(rand)), 100.0 * float(np.mean(largest))
 
 
 def _stats(plan: dict[str, list[VgdImage]]) -> dict:

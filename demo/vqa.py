@@ -26,7 +26,8 @@ from demo import scenes as sc
 from demo.build import built_once, cli, resolve_sizes
 from demo.scenes import REL_WORDS, SYNONYMS, describe, phrase, pick
 from utils.io import atomic_write_json
-from core.tasks.vqa.evaluation import MANUAL_MAP, normalize_result_answer, question_accuracy
+from core.tasks.vqa import majority_baseline
+from core.tasks.vqa.evaluation import MANUAL_MAP, normalize_result_answer
 
 VERSION = "vqa-demo-1"
 DEFAULT_SIZES = {
@@ -64,19 +65,6 @@ _INFO = {
 }
 _LICENSE = {"url": "http://creativecommons.org/licenses/by/4.0/",
             "name": "Creative Commons Attribution 4.0 International License"}
-
-# --------------------------------------------------------------------------- answer normalisation
-
-
-def majority_baseline(train_annotations: list[dict], val_annotations: list[dict]) -> tuple[str, float]:
-    """Most frequent train ``multiple_choice_answer`` and its val accuracy in percent."""
-    counts = collections.Counter(a["multiple_choice_answer"] for a in train_annotations)
-    answer = min(counts, key=lambda a: (-counts[a], a))
-    if not val_annotations:
-        return answer, 0.0
-    accs = [question_accuracy(answer, [x["answer"] for x in a["answers"]]) for a in val_annotations]
-    return answer, 100.0 * sum(accs) / len(accs)
-
 
 # --------------------------------------------------------------------------- phrasing
 

@@ -1,11 +1,18 @@
-"""Shared fixtures: a VQA data tree built from the real VQA-v2 sample files in tests/data."""
+"""Shared fixtures and helpers: a VQA data tree built from the real VQA-v2 sample files in
+tests/data, text that is not UTF-8, in-process runs of a script that must fail."""
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import demo  # noqa: F401  (registers the --DATASET=demo builders, as the scripts do)
+from core.run import main
+from core.search import run_search
+from core.tasks.vqa import VQATask
+from core.train import run_train
 
 REAL_VQA = Path(__file__).resolve().parent / "data" / "vqa"
 VAL_QUESTIONS = "v2_OpenEnded_mscoco_val2014_questions.json"
@@ -58,6 +65,22 @@ def vqa_val_root(tmp_path):
     return tmp_path, feats
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny networks: a second thread only spins (and costs 10x the CPU on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """One ``--DATA_ROOT`` shared by the end-to-end runs on ``--DATASET=demo``: the first run of
+    a task builds its demo data there (seconds), the later ones find it built."""
+    return tmp_path_factory.mktemp("demo-data")
+
+
 @pytest.fixture
 def npz_writer():
     """``write_npz`` (see above), for tests that make their own feature files."""
@@ -80,3 +103,71 @@ def vqa_task():
         task.lines = lines
         return task
     return make
+
+
+# --- text that is not UTF-8 ---------------------------------------------------------------
+
+NOT_UTF8 = "Is the café open?".encode("latin-1")     # 0xe9 where UTF-8 needs two bytes
+
+
+def latin1_into(path: Path, marker: str) -> int:
+    """Replace ``marker`` in the text of ``path`` by latin-1 bytes; returns their offset."""
+    data = path.read_bytes()
+    offset = data.index(marker.encode())
+    path.write_bytes(data.replace(marker.encode(), NOT_UTF8, 1))
+    return offset + NOT_UTF8.index(b"\xe9")
+
+
+# --- in-process runs of train_vqa.py / search_vqa.py on the real sample that must fail --------
+
+BAD_IMAGE = 262148             # the image of the first questions; its x is stored [K, 2048]
+SUBSET = 4                     # one batch: every run step reads every sample
+TINY_ARCH = {"epoch0": {"enc": [["self_att_64"]], "dec": [["guided_att_64"]]}}
+
+
+def feature(root: Path, iid: int = BAD_IMAGE) -> Path:
+    return root / "coco_extract" / "val2014" / f"COCO_val2014_{iid:012d}.jpg.npz"
+
+
+def first_question_ids(root: Path, n: int = SUBSET) -> list[int]:
+    return [q["question_id"] for q in
+            json.loads((root / "vqa" / VAL_QUESTIONS).read_text())["questions"][:n]]
+
+
+def tiny_args(root: Path, kind: str) -> list[str]:
+    """A one-step epoch of 4 real questions, one block a side, HSIZE 64 (the demo's sizes)."""
+    args = [f"--DATA_ROOT={root}", f"--LOG_ROOT={root / 'logs'}", "--WORD_VECTORS=hash",
+            "--ANSWER_DICT=core/data/vqa_answer_dict.json", "--TRAIN_SPLIT=val",
+            f"--SUBSET={SUBSET}", f"--BS={SUBSET}", "--NW=0", "--SEED=3", "--MAX_EPOCH=1",
+            "--EVAL_EVERY_EPOCH=false", "--HSIZE=64", "--FLAT_MLP_SIZE=64", "--REL_SIZE=16",
+            "--MAX_REGIONS=16", "--MAX_TOKEN=8", "--ENC_BLOCKS=1", "--DEC_BLOCKS=1",
+            "--VERSION=a", "--PICTURES=false"]
+    if kind == "train":
+        arch = root / "tiny_arch.json"
+        arch.write_text(json.dumps(TINY_ARCH))
+        args.append(f"--ARCH_PATH={arch}")
+    return args
+
+
+def script_error(capsys, kind: str, root: Path, *extra: str) -> str:
+    """Run train_vqa.py / search_vqa.py's body: it must exit 2, its last line the error."""
+    runner = run_train if kind == "train" else run_search
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(VQATask, kind, runner, tiny_args(root, kind) + list(extra))
+    assert e.value.code == 2
+    err = capsys.readouterr().err         # the progress bar's lines, then the error
+    assert "Traceback" not in err and err.endswith("\n"), err
+    last = err.rstrip("\n").split("\n")[-1]
+    assert last.startswith("error: ") and err.count("error:") == 1, err
+    return last[len("error: "):]
+
+
+def run_folder(root: Path, kind: str = "train") -> Path:
+    return root / "logs" / "vqa" / kind / "a"
+
+
+def assert_nothing_saved(root: Path, kind: str = "train") -> None:
+    folder = run_folder(root, kind)
+    assert not list(folder.glob("*.pkl")) and not (folder / "last").exists()
+    assert not (folder / "arch.json").exists()

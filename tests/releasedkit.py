@@ -1,6 +1,6 @@
 """Our tensor names -> the names the original's released checkpoints use (the inverse of
 utils/checkpoint.py's mapping, written out here so that tests do not check it by itself).
-The true layout is tests/data/released_layout/<task>.txt (test_released.py checks it)."""
+The true layout is tests/data/released_layout/<task>.txt (test_utils_checkpoint_released.py checks it)."""
 import re
 
 # full_vqa.py / full_itm.py and full_vgd.py: x is the text, y the image regions

@@ -39,7 +39,7 @@ def build_data(base: Path) -> list[str]:
             "--WORD_VECTORS=hash", "--ANSWER_DICT=", "--ANS_MIN_COUNT=1", "--MAX_REGIONS=8",
             "--HSIZE=64", "--FLAT_MLP_SIZE=16", "--REL_SIZE=4", "--WORD_EMBED_SIZE=16",
             "--ENC_BLOCKS=1", "--DEC_BLOCKS=2", "--BS=8", "--NW=0", "--SEED=5",
-            "--MAX_EPOCH=2", "--LR_WARMUP_EPOCHS=0"]
+            "--MAX_EPOCH=2", "--LR_WARMUP_EPOCHS=0", "--PICTURES=false"]
 
 
 def search_flags() -> list[str]:

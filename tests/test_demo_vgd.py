@@ -10,6 +10,7 @@ import torch
 from demo import scenes as sc
 from demo import vgd
 from demo.build import resolve_sizes
+from core.tasks.vgd import proposal_baselines
 from core.tasks.vgd.boxes import iou, xywh_to_xyxy
 from demokit import assert_same_files
 
@@ -296,7 +297,7 @@ def test_stats_match_files_and_baselines(built):
     assert stats["refs"] == {s: len({e["ref_id"] for e in v}) for s, v in splits.items()}
     assert sum(stats["kinds"].values()) == len(_entries(splits))
     proposals = {e["image_id"]: _load_npz(root, e["image_id"])["bbox"] for e in splits["val"]}
-    rand, largest = vgd.proposal_baselines(splits["val"], proposals)
+    rand, largest = proposal_baselines(splits["val"], proposals)
     assert stats["random_proposal_acc_val"] == round(rand, 2)
     assert stats["largest_proposal_acc_val"] == round(largest, 2)
     assert 0 < rand < 15
@@ -317,10 +318,10 @@ def test_baselines_on_hand_case():
     proposals = {1: np.array([[10, 10, 29, 29], [100, 100, 119, 119], [0, 0, 99, 99],
                               [11, 11, 29, 29]], np.float32),
                  2: np.array([[0, 0, 99, 99], [0, 0, 9, 9]], np.float32)}
-    rand, largest = vgd.proposal_baselines(entries, proposals)
+    rand, largest = proposal_baselines(entries, proposals)
     assert rand == pytest.approx(100 * (0.5 + 0.5 + 0.5) / 3)
     assert largest == pytest.approx(100 / 3)
-    assert vgd.proposal_baselines([], {}) == (0.0, 0.0)
+    assert proposal_baselines([], {}) == (0.0, 0.0)
 
 
 def test_cli_builds_and_prints_stats(tmp_path, monkeypatch, capsys):

@@ -1,5 +1,6 @@
 """Image–text matching end to end on the demo data: search, train, test — through the scripts."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,21 +13,22 @@ from core.tasks.itm import ITMTask
 from core.train import run_train
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = ["--DATASET=demo", "--SUBSET=12", "--BS=16", "--NW=0", "--SEED=3",
+QUICK = ["--DATASET=demo", "--SUBSET=12", "--BS=16", "--NW=0", "--SEED=3", "--PICTURES=false",
          "--ITM_NEG_CANDIDATES=8", "--ITM_HARD_NEG_EPOCH=0"]   # mine from the first epoch
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory):
+def paths(tmp_path_factory, demo_data):
     base = tmp_path_factory.mktemp("itm")
-    return base, [f"--DATA_ROOT={base / 'data'}", f"--LOG_ROOT={base / 'logs'}"]
+    return base, [f"--DATA_ROOT={demo_data}", f"--LOG_ROOT={base / 'logs'}"]
 
 
 def test_search_train_and_test(paths):
     base, roots = paths
     out = subprocess.run([sys.executable, "search_itm.py", *QUICK, *roots, "--MAX_EPOCH=1",
                           "--ARCH_START_EPOCH=0", "--VERSION=s"], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-2000:]
     search = base / "logs" / "itm" / "search" / "s"
     assert "arg-max sub-network on the architecture split: i2t" in (search / "log.txt").read_text()

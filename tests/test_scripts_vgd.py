@@ -1,5 +1,6 @@
 """Visual grounding end to end on the demo data: search, train, test — through the scripts."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,20 +12,21 @@ from core.tasks.vgd import VGDTask
 from core.train import run_train
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = ["--DATASET=demo", "--SUBSET=64", "--BS=16", "--NW=0", "--SEED=3"]
+QUICK = ["--DATASET=demo", "--SUBSET=64", "--BS=16", "--NW=0", "--SEED=3", "--PICTURES=false"]
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory):
+def paths(tmp_path_factory, demo_data):
     base = tmp_path_factory.mktemp("vgd")
-    return base, [f"--DATA_ROOT={base / 'data'}", f"--LOG_ROOT={base / 'logs'}"]
+    return base, [f"--DATA_ROOT={demo_data}", f"--LOG_ROOT={base / 'logs'}"]
 
 
 def test_search_then_train_the_found_architecture(paths):
     base, roots = paths
-    out = subprocess.run([sys.executable, "search_vgd.py", *QUICK, *roots, "--MAX_EPOCH=1",
-                          "--ARCH_START_EPOCH=0", "--VERSION=s"], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "search_vgd.py", *QUICK, "--SUBSET=16", *roots,
+                          "--MAX_EPOCH=1", "--ARCH_START_EPOCH=0", "--VERSION=s"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))   # a later flag wins
     assert out.returncode == 0, out.stderr[-2000:]
     folder = base / "logs" / "vgd" / "search" / "s"
     assert "epoch1" in json.loads((folder / "arch.json").read_text())

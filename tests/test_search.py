@@ -1,11 +1,10 @@
 """The search mechanics: binary-gate gradients, sampled weight steps, supernet -> fixed net."""
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from core.arch import Arch, load_arch, save_arch
+from core.arch import Arch
 from core.loop import weight_step
 from core.mixed import Architect, MixedOp, mixed_ops, weight_parameters
 from core.model import current_arch
@@ -153,36 +152,6 @@ def test_weight_step_changes_only_the_sampled_path():
 def _sub(state, block, i, net):
     prefix = next(n for n, mod in net.named_modules() if mod is block.candidate_ops[i]) + "."
     return [v for k, v in state.items() if k.startswith(prefix)]
-
-
-def test_arch_json_round_trip(tmp_path):
-    arch = Arch(("self_att_64",) * 12, ("guided_att_64", "rel_self_att_64", "feed_forward") * 6)
-    path = tmp_path / "arch.json"
-    save_arch(path, 3, arch)
-    save_arch(path, 10, arch)
-    save_arch(path, 2, Arch(("feed_forward",) * 12, ("self_att_64",) * 18))
-    data = json.loads(path.read_text())
-    assert list(data) == ["epoch2", "epoch3", "epoch10"]
-    assert data["epoch3"]["enc"][0] == ["self_att_64"]
-    assert load_arch(path, 3, 12, 18) == arch
-
-
-@pytest.mark.parametrize("name", ["mcan", "mmnas_vqa", "mmnas_vgd", "mmnas_itm"])
-def test_shipped_architectures(name):
-    arch = load_arch(f"arch/{name}.json", 0, 12, 18)
-    abbrev = {"self_att_64": "SA", "guided_att_64": "GA", "rel_self_att_64": "RSA",
-              "feed_forward": "FFN"}
-    expected = {
-        "mcan": ("SA FFN " * 6, "SA GA FFN " * 6),
-        "mmnas_vqa": ("SA SA SA SA FFN FFN FFN FFN SA FFN FFN FFN",
-                      "GA GA FFN FFN GA FFN RSA GA FFN GA RSA FFN RSA SA FFN RSA GA FFN"),
-        "mmnas_vgd": ("SA FFN FFN SA FFN FFN FFN FFN FFN FFN FFN SA",
-                      "GA GA GA GA GA GA FFN GA RSA RSA GA FFN RSA GA GA RSA GA RSA"),
-        "mmnas_itm": ("SA SA FFN FFN FFN SA FFN SA FFN FFN FFN FFN",
-                      "SA GA GA RSA SA GA RSA GA GA GA GA FFN GA GA RSA SA GA RSA"),
-    }[name]
-    assert " ".join(abbrev[o] for o in arch.enc) == expected[0].strip()
-    assert " ".join(abbrev[o] for o in arch.dec) == expected[1].strip()
 
 
 def test_relation_embedding_only_when_used():

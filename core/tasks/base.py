@@ -113,6 +113,11 @@ class Task:
         """A trivial baseline on the evaluated split, for the log (e.g. majority answer)."""
         return {}
 
+    def attention_reading(self, output, batch: dict, att: dict) -> tuple[list, dict, np.ndarray]:
+        """What an attention map (core/pictures.py) writes beside one sample: (text lines of
+        the answer, boxes to outline {label: (xyxy, colour)}, weight of every region)."""
+        raise NotImplementedError
+
 
 def in_dataset_order(local: list, n: int, batch_size: int) -> list:
     """Gather every rank's predictions (see ``core.loop.RankBatches``) in dataset order."""

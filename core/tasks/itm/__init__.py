@@ -29,7 +29,7 @@ from core.model import PooledFusionHead, Side
 from core.tasks.base import Task, unwrap_subset
 from utils import dist
 from utils.io import atomic_write
-from core.tasks.itm.retrieval import retrieval_metrics
+from core.tasks.itm.retrieval import chance_r1, retrieval_metrics
 
 MAPPING_FILES = ("id_mapping.json", "dataset_flickr30k.json")
 IMAGE_GROUP = 16            # images whose regions are projected together when scoring pairs
@@ -212,9 +212,12 @@ class ITMTask(Task):
 
     def baseline(self, train, evaluated) -> dict:
         ds, caps = unwrap_subset(evaluated)
-        own = np.unique(ds.caption_image[caps], return_counts=True)[1]
-        return {"chance_r1_i2t": 100.0 * float(np.mean(own)) / len(caps),
-                "chance_r1_t2i": 100.0 / len(own)}
+        return chance_r1(np.unique(ds.caption_image[caps], return_counts=True)[1])
+
+    def attention_reading(self, output, batch, att):
+        """The matching score of the pair."""
+        score = float(torch.sigmoid(output.float().reshape(-1)[0]))
+        return [f"matching score {score:.3f}", "(sigmoid of the logit)"], {}, att["img"][0].numpy()
 
 
 # ---- scoring many pairs ------------------------------------------------------------------

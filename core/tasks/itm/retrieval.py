@@ -95,3 +95,13 @@ def retrieval_metrics(scores: np.ndarray, caption_image: np.ndarray) -> dict:
     t2i = rank_summary(t2i_ranks(scores, caption_image))
     rsum = sum(d[f"r{k}"] for d in (i2t, t2i) for k in RECALL_AT)
     return {"i2t": i2t, "t2i": t2i, "rsum": float(rsum)}
+
+
+def chance_r1(captions_per_image) -> dict:
+    """Expected R@1 (percent) of ranking at random, given each image's number of captions:
+    image->text hits one of the image's own captions, text->image the one right image."""
+    own = np.asarray(captions_per_image, dtype=np.float64)
+    if own.size == 0:
+        return {"chance_r1_i2t": 0.0, "chance_r1_t2i": 0.0}
+    return {"chance_r1_i2t": 100.0 * float(own.mean()) / float(own.sum()),
+            "chance_r1_t2i": 100.0 / own.size}

@@ -17,7 +17,7 @@ from core.data.text import cached_vocab_and_vectors, encode, files_stamp
 from core.model import PooledFusionHead
 from core.tasks.base import Task, entries_of
 from utils.io import atomic_write_json, expect_fields, read_json
-from core.tasks.vqa.evaluation import evaluate, prep_ans
+from core.tasks.vqa.evaluation import evaluate, prep_ans, question_accuracy
 
 QUESTIONS = {
     "train": "v2_OpenEnded_mscoco_train2014_questions.json",
@@ -212,11 +212,39 @@ class VQATask(Task):
         annotations = _annotations_of(evaluated)
         if not annotations:
             return {}
-        counts = Counter(prep_ans(a["multiple_choice_answer"]) for a in _annotations_of(train))
-        answer = counts.most_common(1)[0][0]
-        preds = [{"question_id": a["question_id"], "answer": answer} for a in annotations]
-        return {"majority_answer": answer, "majority_overall": evaluate(preds, annotations)
-                ["overall"]}
+        answer, accuracy = majority_baseline(_annotations_of(train), annotations)
+        return {"majority_answer": answer, "majority_overall": round(accuracy, 2)}
+
+    def attention_reading(self, output, batch, att):
+        """The top 5 answers with their sigmoid scores, and the annotators' answers."""
+        scores = torch.sigmoid(output[0].float())
+        top = torch.topk(scores, min(5, len(scores)))
+        lines = ["answer (top 5, sigmoid score):"] + [
+            f"  {self.ix_to_ans[i]:<14} {s:.3f}" for s, i in zip(top.values.tolist(),
+                                                               top.indices.tolist())]
+        truth = self._true_answers(batch)
+        return lines + (["true (annotators):"] + truth if truth else []), {}, att["img"][0].numpy()
+
+    def _true_answers(self, batch) -> list[str]:
+        if "target" not in batch:
+            return []
+        target = batch["target"][0]
+        order = torch.argsort(-target)[:5]
+        return [f"  {self.ix_to_ans[i]:<14} {target[i]:.2f}" for i in order.tolist()
+                if target[i] > 0]
+
+
+def majority_baseline(train_annotations: list[dict],
+                      evaluated_annotations: list[dict]) -> tuple[str, float]:
+    """The most frequent train ``multiple_choice_answer`` (ties: the first alphabetically) and
+    its VQA accuracy in percent on the evaluated annotations (0 when there are none)."""
+    counts = Counter(prep_ans(a["multiple_choice_answer"]) for a in train_annotations)
+    answer = min(counts, key=lambda a: (-counts[a], a))
+    if not evaluated_annotations:
+        return answer, 0.0
+    accs = [question_accuracy(answer, [x["answer"] for x in a["answers"]])
+            for a in evaluated_annotations]
+    return answer, 100.0 * sum(accs) / len(accs)
 
 
 def _annotations_of(dataset) -> list[dict]:

@@ -1,14 +1,20 @@
-"""Checkpoints: the original's released format loads; ours are self-describing and atomic."""
+"""Checkpoints (utils/checkpoint.py): the original's released format loads; ours are
+self-describing and atomic; a wrong or broken one is named."""
+from pathlib import Path
+
 import pytest
 import torch
 
 from core.arch import load_arch
+from core.config import resolve
+from core.model import Net, PooledFusionHead, fixed_backbone
 from core.tasks.vqa import VQATask
 from netkit import batch, fixed_net, small_cfg
 from releasedkit import released_names
 from utils.checkpoint import (CheckpointError, load_checkpoint, load_weights, map_original_keys,
                               save_checkpoint)
-from utils.io import atomic_write
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def small_arch():
@@ -83,20 +89,6 @@ def test_our_checkpoint_is_self_describing_and_weights_only(tmp_path):
     optim2.load_state_dict(ckpt["net_optim"])
 
 
-def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
-    path = tmp_path / "epoch1.pkl"
-    path.write_text("old")
-
-    def crash(tmp):
-        open(tmp, "w").write("half")
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write(path, crash)
-    assert path.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["epoch1.pkl"]
-
-
 def test_shipped_architecture_builds_at_paper_size():
     cfg = small_cfg(HSIZE=512, FLAT_MLP_SIZE=512, REL_SIZE=64, ENC_BLOCKS=12, DEC_BLOCKS=18,
                     WORD_EMBED_SIZE=300, IMG_FEAT_SIZE=2048)
@@ -104,3 +96,85 @@ def test_shipped_architecture_builds_at_paper_size():
     names = net.state_dict().keys()
     assert "backbone.dec_list.6.mhatt.linear_r.weight" in names     # dec 6 is RSA
     assert net.backbone.dec_list[6].mhatt.heads == 8
+
+
+def _small_net(vocab_size, n_answers=10):
+    cfg = resolve("vqa", "train", {"HSIZE": 64, "FLAT_MLP_SIZE": 64, "REL_SIZE": 16,
+                                   "DATASET": "demo"})
+    arch = load_arch(REPO / "arch" / "mcan.json", 0, 12, 18)
+    return Net(vocab_size, None, cfg, fixed_backbone(cfg, arch), PooledFusionHead(cfg, n_answers))
+
+
+@pytest.fixture(scope="module")
+def net_state():
+    torch.manual_seed(0)
+    return _small_net(20).state_dict()
+
+
+def test_checkpoint_round_trip(tmp_path, net_state):
+    path = tmp_path / "ok.pkl"
+    save_checkpoint(path, {"state_dict": net_state, "epoch": 3})
+    ckpt = load_checkpoint(path)
+    assert ckpt["format"] == "mmnas-v1" and ckpt["epoch"] == 3
+    net = _small_net(20)
+    load_weights(net, ckpt["state_dict"], str(path))
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, net_state[k]), k
+
+
+def test_checkpoint_with_other_vocabulary_names_key_and_shapes(tmp_path, net_state):
+    path = tmp_path / "epoch3.pkl"
+    save_checkpoint(path, {"state_dict": net_state})
+    other = _small_net(25)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointError) as e:
+        load_weights(other, load_checkpoint(path)["state_dict"], str(path))
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: does not fit this network")
+    assert "shape" in msg and "embedding.weight" in msg
+    assert "checkpoint [20, 300], network [25, 300]" in msg
+    for k, v in other.state_dict().items():       # nothing half-loaded
+        assert torch.equal(v, before[k]), k
+
+
+def test_checkpoint_with_other_answer_set_and_missing_keys(tmp_path, net_state):
+    path = tmp_path / "epoch3.pkl"
+    state = dict(net_state)
+    state.pop("lstm.weight_ih_l0")
+    state["extra.weight"] = torch.zeros(2)
+    save_checkpoint(path, {"state_dict": state})
+    with pytest.raises(CheckpointError) as e:
+        load_weights(_small_net(20, n_answers=11), load_checkpoint(path)["state_dict"],
+                     str(path))
+    msg = str(e.value)
+    assert "head.proj.weight: checkpoint [10, 128], network [11, 128]" in msg
+    assert "missing" in msg and "lstm.weight_ih_l0" in msg
+    assert "fit nothing" in msg and "extra.weight" in msg
+
+
+def test_released_checkpoint_names_are_mapped(tmp_path, net_state):
+    from releasedkit import released_names
+    released = released_names(net_state, "vqa")
+    assert "module.backnone.cells_dec.0.dag.2.0.ln.a_2" in released
+    from core.tasks.vqa import VQATask
+    net = _small_net(20)
+    load_weights(net, released, "released.pkl", VQATask.original_key_prefixes)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, net_state[k]), k
+
+
+def test_checkpoint_path_that_does_not_exist(tmp_path):
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(tmp_path / "epoch13.pkl")
+    assert str(e.value) == f"checkpoint {tmp_path / 'epoch13.pkl'} does not exist"
+
+
+def test_checkpoint_that_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "epoch1.pkl"
+    path.write_text("hello")
+    with pytest.raises(CheckpointError, match="cannot be read as a PyTorch checkpoint"):
+        load_checkpoint(path)
+    torch.save({"weights": {}}, path)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    assert str(e.value) == f"{path}: expected a dict with a 'state_dict' entry"

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import latin1_into
+from core.tasks.vgd import refer
 from core.tasks.vgd.refer import ReferError, convert, load_refs, main, write_splits
 
 REAL = Path(__file__).resolve().parent / "data" / "refcocog"
@@ -318,3 +320,80 @@ def test_main_reports_errors_without_traceback(raw, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "ref_id 8061" in err
     assert not (tmp_path / "o").exists()
+
+
+class RunsShell:
+    """What a hostile refs file holds: unpickling it calls os.system(command)."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+        return os.system, (self.command,)
+
+
+def hostile_refs(raw: Path) -> Path:
+    marker = raw / "owned"
+    refs = pickle.loads((raw / "refs(umd).p").read_bytes())
+    refs[0]["sentences"][0]["raw"] = RunsShell(f"touch {marker}")
+    (raw / "refs(umd).p").write_bytes(pickle.dumps(refs, protocol=2))
+    return marker
+
+
+def no_utf8_instances(raw: Path) -> int:
+    return latin1_into(raw / "instances.json", '"images"')
+
+
+REFS_CASES = [
+    ("pickle calling os.system", hostile_refs,
+     ["refs(umd).p: refused to load the global posix.system", "is this the refer toolkit's"]),
+    ("truncated pickle",
+     lambda raw: (raw / "refs(umd).p").write_bytes((raw / "refs(umd).p").read_bytes()[:3000]),
+     ["refs(umd).p: not a readable refs pickle (UnpicklingError: "]),
+    ("zero-byte pickle", lambda raw: (raw / "refs(umd).p").write_bytes(b""),
+     ["refs(umd).p: not a readable refs pickle (EOFError: "]),
+    ("non-UTF-8 instances.json", no_utf8_instances,
+     ["instances.json: not UTF-8 text: byte 0xe9 at byte offset {result:,} (line "]),
+]
+
+
+@pytest.mark.parametrize("name, make, words", REFS_CASES, ids=[c[0] for c in REFS_CASES])
+def test_broken_refer_input_fails_preprocessing(raw, tmp_path, capsys, name, make, words):
+    result = make(raw)
+    out = tmp_path / "out"
+    assert refer.main(["--dataset", "refcocog", "--raw", str(raw), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {raw}") and err.count("\n") == 1, err
+    for w in words:
+        assert w.format(result=result) in err, err
+    assert not out.exists()
+    if isinstance(result, Path):                 # the hostile pickle's command never ran
+        assert not result.exists()
+
+
+def test_python2_protocol0_refs_with_a_set_still_load(raw):
+    """Python 2's default protocol 0 writes a set as the global __builtin__.set: allowed."""
+    refs = pickle.loads((raw / "refs(umd).p").read_bytes())
+    refs[0]["tags"] = {"a"}
+    data = pickle.dumps(refs, protocol=0, fix_imports=True)
+    assert b"c__builtin__\nset" in data
+    (raw / "refs(umd).p").write_bytes(data)
+    loaded = refer.load_refs(raw / "refs(umd).p")
+    assert loaded[0]["tags"] == {"a"} and len(loaded) == 15
+
+
+def test_refs_file_with_an_empty_split_is_refused(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("instances.json", "refs(umd).p"):
+        shutil.copyfile(REAL / name, raw / name)
+    edit_refs(raw, lambda refs: [r.update(split="train") for r in refs if r["split"] == "val"])
+    out = tmp_path / "out"
+    assert main(["--dataset", "refcocog", "--raw", str(raw), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert f"{raw / 'refs(umd).p'}: no ref in split 'val'" in err
+    assert "expected refs in every split of refcocog" in err
+    assert "train 10, val 0, test 5" in err
+    assert not out.exists()                             # no split file written

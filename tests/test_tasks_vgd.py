@@ -1,13 +1,17 @@
 """Visual grounding: boxes, targets, loss masking, Acc@0.5 — hand-computed values."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from core.tasks.vgd import VGDHead, VGDTask
-from netkit import fixed_net, small_cfg
+from conftest import latin1_into
+from core.tasks.vgd import VGDHead, VGDTask, refer
 from core.tasks.vgd.boxes import clip_boxes, decode_deltas, encode_deltas, iou, xywh_to_xyxy
+from netkit import fixed_net, small_cfg
 from utils.checkpoint import load_weights
+
+DATA = Path(__file__).resolve().parent / "data"
 
 
 def test_iou_uses_plus_one_widths():
@@ -86,6 +90,16 @@ def test_padded_proposals_never_win_and_acc_uses_regression():
     assert metric == {"acc": 50.0, "n": 2}
 
 
+def test_attention_reading_outlines_the_predicted_and_the_true_box():
+    batch = _hand_batch()
+    scores = torch.tensor([[0.0, 5.0, -1.0, 99.0]])   # proposal 1: e^5 / (1 + e^5 + e^-1) = 0.991
+    lines, marked, regions = _task().attention_reading((scores, torch.zeros(1, 4, 4)), batch, {})
+    assert lines == ["predicted box score 0.991", "IoU with true 0.568", "correct (IoU >= 0.5)"]
+    assert marked["predicted"] == (pytest.approx([0, 0, 10, 15]), "#2ca02c")
+    assert marked["true"] == ([0.0, 0.0, 9.0, 9.0], "#d62728")
+    assert regions.argmax() == 1 and regions[3] == 0 and regions.sum() == pytest.approx(1.0)
+
+
 def test_released_vgd_checkpoint_loads():
     cfg = small_cfg(DATASET="demo")
     from core.arch import Arch
@@ -101,3 +115,19 @@ def test_released_vgd_checkpoint_loads():
     load_weights(fresh, released, "released.pkl", VGDTask.original_key_prefixes)
     for k, v in net.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v)
+
+
+def test_non_utf8_grounding_split_names_the_file(tmp_path):
+    from core.config import resolve
+    from core.tasks.vgd import VGDTask
+    folder = tmp_path / "vgd" / "refcocog"
+    splits = refer.convert("refcocog", DATA / "refcocog")
+    refer.write_splits(splits, folder)
+    path = folder / "val.json"
+    offset = latin1_into(path, splits["val"][0]["sent"])
+    task = VGDTask(resolve("vgd", "train", {"DATA_ROOT": str(tmp_path), "DATASET": "refcocog",
+                                           "WORD_VECTORS": "hash"}), log=lambda m: None)
+    with pytest.raises(ValueError) as e:
+        task.prepare()
+    assert str(e.value).startswith(f"{path}: not UTF-8 text: byte 0xe9 at byte offset "
+                                   f"{offset:,} (line ")

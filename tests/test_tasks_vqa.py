@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import core.data.text as text_mod
+from conftest import (VAL_ANNOTATIONS as AFILE, VAL_QUESTIONS as QFILE, assert_nothing_saved,
+                      latin1_into, script_error)
 from core.data.features import pad_regions
 from core.data.npz import image_id_of
 from core.data.text import CLS, PAD, UNK, build_vocab, encode, tokenize
@@ -330,3 +332,135 @@ def test_answer_vocabulary_follows_changed_annotations(vqa_val_root, vqa_task):
     task.prepare()
     assert task.ans_to_ix == task._count_answers()
     assert list(task.ans_to_ix)[0] == "zebra"
+
+
+def _rewrite(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("content, words", [
+    ("{not json", ["not a valid JSON VQA questions file"]),
+    (json.dumps({"annotations": []}), ["expected an object with a 'questions' list"]),
+    (json.dumps([{"image_id": 1, "question": "q?", "question_id": 1}]),
+     ["expected an object with a 'questions' list"]),
+    (json.dumps({"questions": [{"image_id": 42, "question": "Is it?", "question_id": 1},
+                               {"image_id": 42, "question": "What?", "question_id": "2"}]}),
+     ["questions[1].question_id is '2', expected int"]),
+    (json.dumps({"questions": [{"image_id": 42, "question_id": 1}]}),
+     ["questions[0].question is missing, expected str"]),
+    (json.dumps({"questions": [{"image_id": True, "question": "q?", "question_id": 1}]}),
+     ["questions[0].image_id is True, expected int"]),
+    (json.dumps({"questions": ["Is it?"]}),
+     ["questions[0] is str, expected an object"]),
+])
+def test_malformed_question_file(vqa_val_root, vqa_task, content, words):
+    root, _ = vqa_val_root
+    path = root / "vqa" / QFILE
+    path.write_text(content)
+    task = vqa_task(root)
+    with pytest.raises(ValueError) as e:
+        task.prepare()                       # the vocabulary reads the questions first
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ")
+    for w in words:
+        assert w in msg
+
+
+def test_malformed_question_file_seen_by_dataset_too(vqa_val_root, vqa_task):
+    root, _ = vqa_val_root
+    task = vqa_task(root)
+    task.prepare()
+    path = root / "vqa" / QFILE
+    _rewrite(path, lambda d: d["questions"][5].update(question_id="262148005"))
+    with pytest.raises(ValueError) as e:
+        task.dataset("val")
+    assert str(e.value) == (f"{path}: questions[5].question_id is '262148005', "
+                            f"expected int")
+
+
+def test_answer_without_answer_field(vqa_val_root, vqa_task):
+    root, _ = vqa_val_root
+    path = root / "vqa" / AFILE
+    _rewrite(path, lambda d: d["annotations"][3]["answers"][2].pop("answer"))
+    task = vqa_task(root)
+    task.prepare()
+    with pytest.raises(ValueError) as e:
+        task.dataset("val")
+    assert str(e.value) == f"{path}: annotations[3].answers[2].answer is missing, expected str"
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("multiple_choice_answer", None, "annotations[0].multiple_choice_answer is None, "
+                                     "expected str"),
+    ("answers", "down", "annotations[0].answers is 'down', expected list"),
+    ("question_id", 262148000.0, "annotations[0].question_id is 262148000.0, expected int"),
+])
+def test_annotation_with_wrong_field(vqa_val_root, vqa_task, field, value, words):
+    root, _ = vqa_val_root
+    path = root / "vqa" / AFILE
+    _rewrite(path, lambda d: d["annotations"][0].update({field: value}))
+    task = vqa_task(root)
+    task.prepare()
+    with pytest.raises(ValueError) as e:
+        task.dataset("val")
+    assert str(e.value) == f"{path}: {words}"
+
+
+def test_question_without_annotation(vqa_val_root, vqa_task):
+    root, _ = vqa_val_root
+    path = root / "vqa" / AFILE
+    _rewrite(path, lambda d: d["annotations"].pop(
+        next(i for i, a in enumerate(d["annotations"]) if a["question_id"] == 262148001)))
+    task = vqa_task(root)
+    task.prepare()
+    with pytest.raises(ValueError) as e:
+        task.dataset("val")
+    assert str(e.value) == f"{path}: no annotation for question_id 262148001 of {QFILE}"
+
+
+def test_annotation_file_not_json_or_without_list(vqa_val_root, vqa_task):
+    root, _ = vqa_val_root
+    path = root / "vqa" / AFILE
+    task = vqa_task(root)
+    task.prepare()
+    path.write_text("")
+    with pytest.raises(ValueError, match="not a valid JSON VQA annotations file"):
+        task.dataset("val")
+    path.write_text(json.dumps({"questions": []}))
+    with pytest.raises(ValueError) as e:
+        task.dataset("val")
+    assert str(e.value) == f"{path}: expected an object with an 'annotations' list"
+
+
+def test_missing_annotation_file(vqa_val_root, vqa_task):
+    root, _ = vqa_val_root
+    task = vqa_task(root)
+    task.prepare()
+    (root / "vqa" / AFILE).unlink()
+    with pytest.raises(FileNotFoundError) as e:
+        task.dataset("val")
+    assert str(e.value) == f"VQA annotations file {root / 'vqa' / AFILE} does not exist"
+
+
+def test_bad_answer_dictionary_file(vqa_val_root, vqa_task, tmp_path):
+    root, _ = vqa_val_root
+    bad = tmp_path / "answers.json"
+    bad.write_text(json.dumps({"yes": 0}))
+    with pytest.raises(ValueError) as e:
+        vqa_task(root, ANSWER_DICT=str(bad)).prepare()
+    assert str(e.value) == f"{bad}: expected [ans_to_ix, ix_to_ans]"
+    with pytest.raises(FileNotFoundError, match="answer dictionary file .*nothere.json"):
+        vqa_task(root, ANSWER_DICT=str(tmp_path / "nothere.json")).prepare()
+
+
+def test_non_utf8_question_file_stops_the_script(vqa_val_root, capsys):
+    root, _ = vqa_val_root
+    path = root / "vqa" / QFILE
+    first_question = json.loads(path.read_text())["questions"][0]["question"]
+    offset = latin1_into(path, first_question)
+    message = script_error(capsys, "train", root)
+    assert message == (f"{path}: not UTF-8 text: byte 0xe9 at byte offset {offset:,} (line 1): "
+                       f"invalid continuation byte; save the file as UTF-8")
+    assert_nothing_saved(root)

@@ -6,10 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import NOT_UTF8
 from core.tasks.itm.flickr import (CaptionSplit, feature_key, file_names, read_id_mapping, read_ids,
                               read_split)
 
-REAL = Path(__file__).resolve().parent / "data" / "flickr30k"
+DATA = Path(__file__).resolve().parent / "data"
+REAL = DATA / "flickr30k"
 PRECOMP = REAL / "f30k_precomp"
 MAPPING = REAL / "id_mapping.json"
 
@@ -219,3 +221,17 @@ def test_missing_mapping_and_bad_file_name(tmp_path):
         read_id_mapping(tmp_path / "id_mapping.json")
     with pytest.raises(ValueError, match="'cat.jpg' has no number"):
         feature_key("cat.jpg")
+
+
+def test_non_utf8_caption_file_names_offset_and_line(tmp_path):
+    precomp = tmp_path / "f30k_precomp"
+    shutil.copytree(DATA / "flickr30k" / "f30k_precomp", precomp)
+    path = precomp / "test_caps.txt"
+    lines = path.read_bytes().split(b"\n")
+    lines[2] = NOT_UTF8
+    path.write_bytes(b"\n".join(lines))
+    offset = len(lines[0]) + len(lines[1]) + 2 + NOT_UTF8.index(b"\xe9")
+    with pytest.raises(ValueError) as e:
+        read_split(precomp, "test")
+    assert str(e.value) == (f"{path}: not UTF-8 text: byte 0xe9 at byte offset {offset:,} "
+                            f"(line 3): invalid continuation byte; save the file as UTF-8")

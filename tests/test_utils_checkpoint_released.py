@@ -427,7 +427,7 @@ def test_search_checkpoint_given_to_training_says_so():
 
 
 def _show(tmp: Path) -> None:
-    """``python3 tests/test_released.py``: a released-layout file of each task, loaded."""
+    """``python3 tests/test_utils_checkpoint_released.py``: a released-layout file of each task, loaded."""
     for name in TASKS:
         task, arch = make_task(name), paper_arch(name)
         state = random_state(read_layout(name), seed=1)

@@ -90,6 +90,17 @@ def test_search_epoch_draws_alphas_trajectories_arch_curves_and_redoes_resumed_e
     assert [(r["epoch"], r["loss"]) for r in history] == [(1, 2.5), (2, 1.5)]
 
 
+def test_pictures_false_keeps_the_numbers_and_draws_nothing(tmp_path):
+    run, net = fake_run(tmp_path), supernet()
+    pictures.search_epoch(run, net, 1, 2.5, {"overall": 30.0}, drawn=False)
+    pictures.train_epoch(run, 2, 0.5, {"epoch": 2, "val": {"overall": 50.0}}, drawn=False)
+    folder = tmp_path / "pictures"
+    assert sorted(p.name for p in folder.iterdir()) == ["history.json"]
+    history = json.loads((folder / "history.json").read_text())
+    assert [(r["epoch"], r["loss"]) for r in history] == [(1, 2.5), (2, 0.5)]
+    assert history[1]["val overall"] == 50.0 and run.lines == []
+
+
 def test_a_picture_that_cannot_be_written_is_a_warning(tmp_path):
     (tmp_path / "pictures").write_text("a file where the folder should be")
     run = fake_run(tmp_path)

@@ -234,3 +234,17 @@ def test_checkpoint_without_words_checks_sizes_and_says_so():
         check_vocabularies({"meta": {"vocab_size": 9}}, _meta(words), "old.pkl")
     assert check_vocabularies({"meta": {"vocab_size": 4}}, _meta(words), "old.pkl") \
         .startswith("note: old.pkl records no word vocabulary (")
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"the 0.1 0.2 0.3\ncat 0.1 oops 0.3\n", "line 2 ('cat'): expected 3 numbers"),
+    (b"the 0.1 0.2 0.3\ncat 0.1 0.2\n", "line 2 ('cat'): 2 numbers, expected 3"),
+    (b"the 0.1 0.2 0.3\nch\xe2t 0.1 0.2 0.3\n", "line 2: not UTF-8 text (invalid continuation byte at column 3)"),
+])
+def test_broken_glove_file_names_file_and_line(tmp_path, content, words):
+    from core.data.text import word_vectors
+    glove = tmp_path / "glove.txt"
+    glove.write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        word_vectors(f"glove:{glove}", ["the", "cat"], dim=3)
+    assert str(glove) in str(e.value) and words in str(e.value)

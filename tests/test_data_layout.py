@@ -27,7 +27,7 @@ DATA = Path(__file__).resolve().parent / "data"
 ORIGINAL = "data layout: the original MMNas's"
 # tiny networks of the shipped architectures (H = 64 like the demo configs), one epoch
 TINY = ["--WORD_VECTORS=hash", "--HSIZE=64", "--FLAT_MLP_SIZE=64", "--REL_SIZE=16",
-        "--BS=4", "--NW=0", "--SEED=1", "--MAX_EPOCH=1", "--LR_WARMUP_EPOCHS=1"]
+        "--BS=4", "--NW=0", "--SEED=1", "--MAX_EPOCH=1", "--LR_WARMUP_EPOCHS=1", "--PICTURES=false"]
 VQA_SPLIT_DIRS = {"train": "train2014", "val": "val2014", "test": "test2015"}
 ITM_IMAGES = 6          # the first dev images get features (36 boxes each)
 

@@ -27,9 +27,9 @@ def run(script, args, procs, timeout=420):
 
 
 @pytest.fixture(scope="module")
-def roots(tmp_path_factory):
+def roots(tmp_path_factory, demo_data):
     base = tmp_path_factory.mktemp("ddp")
-    return base, [f"--DATA_ROOT={base / 'data'}", f"--LOG_ROOT={base / 'logs'}"]
+    return base, [f"--DATA_ROOT={demo_data}", f"--LOG_ROOT={base / 'logs'}"]
 
 
 def _weights(path):

@@ -6,6 +6,7 @@ import torch
 from core.arch import Arch
 from core.data.npz import NpzFeatures
 from core.tasks.itm import ITMDataset, ITMHead, ITMTask, mine_negatives, score_pairs
+from core.tasks.itm.retrieval import chance_r1
 from netkit import VOCAB, fixed_net, small_cfg
 
 N_IMG, PER_IMG, REGIONS = 5, 3, 4
@@ -160,3 +161,19 @@ def test_evaluation_of_a_caption_subset_scores_only_its_images(dataset):
     assert head_scores.shape == (len(head_images), 2)
     assert np.allclose(head_scores, scores[np.searchsorted(images, head_images)][:, :2])
     assert arch_eval_set(part, 0) is part and arch_eval_set(part, 10) is part
+
+
+def test_attention_reading_is_the_matching_score_over_the_image_attention():
+    task = ITMTask(small_cfg(DATASET="demo"), print)
+    att = {"img": torch.tensor([[0.25, 0.75]])}
+    lines, marked, regions = task.attention_reading(torch.tensor([[0.0]]), {}, att)
+    assert lines == ["matching score 0.500", "(sigmoid of the logit)"] and marked == {}
+    assert regions.tolist() == [0.25, 0.75]
+
+
+def test_chance_r1_of_uneven_caption_counts():
+    # i2t: a random caption is one of image i's own with probability own_i / all captions
+    assert chance_r1([5, 5, 5, 5]) == {"chance_r1_i2t": 25.0, "chance_r1_t2i": 25.0}
+    assert chance_r1([1, 3]) == {"chance_r1_i2t": pytest.approx(100 * 2 / 4),
+                                 "chance_r1_t2i": 50.0}
+    assert chance_r1([]) == {"chance_r1_i2t": 0.0, "chance_r1_t2i": 0.0}
