@@ -93,8 +93,8 @@ def run_search(cfg, task, run) -> dict:
         run.log(line)
         run.log(block_weights(net))
         probs, searched = records.block_probs(net), epoch >= cfg.ARCH_START_EPOCH
-        changed, stable = records.argmax_step(chosen, records.argmax_of(probs), stable, searched)
-        chosen = records.argmax_of(probs)
+        before, chosen = chosen, records.argmax_of(probs)
+        changed, stable = records.argmax_step(before, chosen, stable, searched)
         run.log(records.stability_line(epoch + 1, changed, stable, len(architect.mixed),
                                        searched))
         metrics = _score_argmax(net, task, arch_set, cfg, device, path_gen)
