@@ -117,10 +117,20 @@ KEYS: dict[str, Key] = {
                        "(detected from its folders; the log says which)",
                        choices=("auto", "ours", "original"), defines_run=False),
     "LOG_ROOT": Key("str", "logs", "root of the run folders", defines_run=False),
+    "THREADS": Key("int", 0, "CPU threads of this process (torch.set_num_threads); 0: torch's "
+                   "default (the machine's cores); give each of several jobs on one machine "
+                   "its share", min=0, defines_run=False),
+    "CKPT_KEEP": Key("int", 2, "checkpoints kept: the newest N (a resume needs the newest and "
+                     "the one it falls back to if that is damaged: N >= 2) plus, in a "
+                     "training, the best epoch's; 0: keep all", min=0, defines_run=False),
+    "TENSORBOARD": Key("bool", False, "also write the per-epoch records as TensorBoard events "
+                       "(<run folder>/tensorboard/; needs the tensorboard package)",
+                       defines_run=False),
     "RESUME": Key("bool", False, "continue the run named by --VERSION exactly, from its last "
                   "checkpoint (or --CKPT_PATH); "
                   "only MAX_EPOCH, NUM_WORKERS, GPU, DATA_ROOT, DATA_LAYOUT, LOG_ROOT, VERSION, "
-                  "CKPT_PATH and TEST_SPLIT may differ from the saved config", defines_run=False),
+                  "THREADS, CKPT_KEEP, TENSORBOARD, CKPT_PATH and TEST_SPLIT may differ from "
+                  "the saved config", defines_run=False),
     "CKPT_PATH": Key("str", "", "checkpoint to load: ours or the original's released format; "
                      "in a search, a supernet to warm-start from (weights and alphas); "
                      "with --RESUME the checkpoint to continue from",
@@ -369,6 +379,9 @@ def check_together(values: dict[str, Any], task: str, kind: str) -> None:
         raise ConfigError(f"ITM_NEG_TOPK = {values['ITM_NEG_TOPK']} is more than "
                           f"ITM_NEG_CANDIDATES = {values['ITM_NEG_CANDIDATES']}: expected the "
                           f"hardest ones kept at most the candidates scored")
+    if values["CKPT_KEEP"] == 1:
+        raise ConfigError("CKPT_KEEP = 1: expected 0 (keep all) or at least 2 (the newest "
+                          "checkpoint and the one a --RESUME falls back to if it is damaged)")
     if kind == "search":
         _check_search(values, script)
 

@@ -155,14 +155,14 @@ def format_metrics(metrics: dict, skip=("perQuestionType",)) -> str:
 
 def run_epoch(net: nn.Module, task, dataset: Dataset, cfg, device, optim, params, scaler,
               epoch: int, step: int, desc: str, before_step: Callable[[], None] = lambda: None,
-              after_step: Callable[[int], None] = lambda step: None) -> tuple[str, int, float]:
+              after_step: Callable[[int], None] = lambda step: None) -> tuple[str, int, dict]:
     """One epoch of weight steps: the learning rate of ``epoch``, the task's epoch start
     (e.g. hard-negative mining), the batches of ``dataset`` in this epoch's fixed order.
 
     ``before_step()`` runs before each weight step (the search samples its path there),
     ``after_step(step)`` after it (the search's architecture steps). Returns the epoch's log
     line (``epoch 3: loss 1.2345, lr 1.50e-04, 58.6 samples/s``), the global step and the
-    epoch's mean loss.
+    epoch's numbers for its record: ``{"loss", "lr", "samples_per_s"}``.
     """
     lr = lr_at(epoch, cfg.LR_BASE, cfg.LR_WARMUP_EPOCHS, cfg.LR_DECAY_EPOCHS, cfg.LR_DECAY_RATE)
     set_lr(optim, lr)
@@ -182,9 +182,9 @@ def run_epoch(net: nn.Module, task, dataset: Dataset, cfg, device, optim, params
         step += 1
         after_step(step)
         bar.set_postfix(loss=f"{total / n:.4f}", lr=f"{lr:.2e}")
-    loss = total / max(n, 1)
-    return (f"epoch {epoch + 1}: loss {loss:.4f}, lr {lr:.2e}, "
-            f"{n / (time.time() - t0):.1f} samples/s"), step, loss
+    stats = {"loss": total / max(n, 1), "lr": lr, "samples_per_s": n / (time.time() - t0)}
+    return (f"epoch {epoch + 1}: loss {stats['loss']:.4f}, lr {lr:.2e}, "
+            f"{stats['samples_per_s']:.1f} samples/s"), step, stats
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -25,13 +25,22 @@ from core.arch import ArchError
 from core.cli import fail, parse_args, usage, wants_help
 from core.data.npz import FeatureError
 from core.finite import assert_finite
+from core.records import check_tensorboard
 from core.tasks.base import DEMO_BUILDERS
 from utils import dist
-from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from utils.checkpoint import (CheckpointError, load_checkpoint, prune_checkpoints,
+                              save_checkpoint)
 from utils.io import (WriteError, atomic_write_json, atomic_write_text, read_json,
                       remove_orphan_tmp)
 
 OUTPUTS = ("metrics.json", "arch.json")    # what a run adds to after every epoch
+# What a new run writes before its work starts; a run that fails before then leaves no folder.
+START_FILES = ("config.yaml", "log.txt", ".lock")
+# Keys a --RUN=val/test takes from its checkpoint's config unless a flag gives them: what
+# the network's shapes and the data it reads (vocabularies, answers, regions) depend on.
+CHECKPOINT_KEYS = ("DATASET", "WORD_VECTORS", "MAX_TOKEN", "MAX_REGIONS", "ANSWER_DICT",
+                   "ANS_MIN_COUNT", "HSIZE", "WORD_EMBED_SIZE", "IMG_FEAT_SIZE", "REL_SIZE",
+                   "FLAT_MLP_SIZE", "FLAT_GLIMPSES", "ENC_BLOCKS", "DEC_BLOCKS")
 
 
 class Run:
@@ -45,9 +54,10 @@ class Run:
     """
 
     def __init__(self, folder: Path, resume: bool):
-        self.folder, self.main = folder, dist.is_main()
+        self.folder, self.main, self.resume = folder, dist.is_main(), resume
         self.log_file = folder / "log.txt"
         self.removed_tmp: list[str] = []
+        self.working = False        # set by work_starts(): data and network are ready
         if self.main:
             _create_folder(folder, resume)
             _hold(folder)
@@ -60,20 +70,43 @@ class Run:
         if self.main:
             atomic_write_text(self.folder / "config.yaml", cfg.dump())
 
-    def log(self, message: str) -> None:
-        """Rank 0 prints and appends to log.txt; other ranks stay silent."""
+    def log(self, message: str, echo: bool = True) -> None:
+        """Rank 0 prints (``echo``) and appends to log.txt; other ranks stay silent."""
         if not self.main:
             return
-        tqdm.write(message)
+        if echo:
+            tqdm.write(message)
         try:
             with self.log_file.open("a") as f:
                 f.write(message + "\n")
         except OSError as e:        # e.g. a full disk: the message is still on the console
             tqdm.write(f"(could not append this to {self.log_file}: {e.strerror or e})")
 
-    def checkpoint(self, epoch: int, payload: dict, outputs: dict | None = None) -> Path:
+    def work_starts(self) -> None:
+        """Data, checkpoint and network are ready: from now on a failed run keeps its folder
+        (its log says how far it got)."""
+        self.working = True
+
+    def discard_if_unused(self) -> bool:
+        """A new run that failed before its work started: remove its folder (only the files
+        it wrote at start are there) and say so; True if removed."""
+        if not self.main or self.resume or self.working:
+            return False
+        if any(p.name not in START_FILES for p in self.folder.iterdir()):
+            return False
+        lock = _HELD.pop(self.folder.resolve(), None)
+        if lock is not None:
+            lock.close()
+        for name in START_FILES:
+            (self.folder / name).unlink(missing_ok=True)
+        self.folder.rmdir()
+        return True
+
+    def checkpoint(self, epoch: int, payload: dict, outputs: dict | None = None,
+                   keep: int = 0, best: int | None = None) -> Path:
         """Write ``epochN.pkl`` (with ``outputs``: file name -> JSON content), then the
-        ``last`` pointer, then the output files."""
+        ``last`` pointer, then the output files; then delete older checkpoints but the
+        newest ``keep`` (0: all), the ``best`` epoch's and what a resume needs."""
         path = self.folder / f"epoch{epoch}.pkl"
         # every rank checks (they hold the same weights), so none waits at the barrier alone
         assert_finite(payload, f"checkpoint {path}")
@@ -82,8 +115,19 @@ class Run:
             save_checkpoint(path, {**payload, "outputs": outputs})
             atomic_write_text(self.folder / "last", path.name + "\n")
             self._write_outputs(outputs)
+            self._prune(epoch, keep, best)
         dist.barrier()
         return path
+
+    def _prune(self, epoch: int, keep: int, best: int | None) -> None:
+        deleted, damaged = prune_checkpoints(self.folder, epoch, keep, best)
+        for name in damaged:
+            self.log(f"warning: {self.folder / name} is damaged (fails its digest): a resume "
+                     f"would skip it")
+        if deleted:
+            kept = f" and the best (epoch{best}.pkl)" if best else ""
+            self.log(f"removed {', '.join(deleted)} (CKPT_KEEP = {keep}: the newest {keep}"
+                     f"{kept} are kept)")
 
     def restore_outputs(self, ckpt: dict) -> dict:
         """The outputs stored in ``ckpt``, rewritten into the folder (rank 0). A checkpoint
@@ -204,7 +248,8 @@ def main(task_cls, kind: str, runner, argv: list[str] | None = None) -> None:
         runner(cfg, task, run)
     except user_errors() as e:
         message = _own_message(str(e))
-        run.log(f"error: {message}")
+        if not run.discard_if_unused():     # printed once, below; the log keeps it too
+            run.log(f"error: {message}", echo=False)
         if os.environ.get("MMNAS_TRACEBACK"):
             raise
         fail(message)
@@ -248,13 +293,16 @@ def start(task_cls, kind: str, argv: list[str] | None = None):
         sys.exit(0)
     try:
         overrides = parse_args(argv, task_cls.datasets)
-        cfg = config_mod.resolve(task_cls.name, kind, overrides)
+        inherited = _checkpoint_settings(overrides, kind)
+        cfg = config_mod.resolve(task_cls.name, kind, {**inherited, **overrides})
         if cfg.DATASET not in task_cls.datasets:
             raise config_mod.ConfigError(f"DATASET={cfg.DATASET!r}; expected one of "
                                          f"{', '.join(task_cls.datasets)}")
         mode = kind if cfg.RUN_MODE == "train" else cfg.RUN_MODE
         if cfg.RESUME:
             cfg = _resumed_config(cfg, kind, mode, overrides)
+        if cfg.TENSORBOARD:
+            check_tensorboard()
         if cfg.SEED is None:
             cfg.SEED = int.from_bytes(os.urandom(3), "little")
         if dist.active():       # every rank must agree on the drawn seed and run name
@@ -268,7 +316,39 @@ def start(task_cls, kind: str, argv: list[str] | None = None):
         run.save_config(cfg)        # a resume saves it once its checkpoint has loaded
     run.log(f"== {script} {' '.join(argv)}\n== run folder: {run.folder}\n== config:\n"
             + cfg.dump().rstrip())
+    if inherited:
+        run.log(f"from the checkpoint's config ({cfg.CKPT_PATH}): "
+                + ", ".join(f"{k} {v}" for k, v in inherited.items()))
+    use_threads(cfg.THREADS, run.log)
     return cfg, run, task_cls(cfg, run.log)
+
+
+def use_threads(threads: int, log) -> None:
+    """THREADS > 0: this process's CPU threads (torch's intra-op pool); 0: torch's default.
+    Several jobs on one machine, each with all its cores, run many times slower."""
+    if threads:
+        torch.set_num_threads(threads)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    log(f"threads: {torch.get_num_threads()} of {cores} cores"
+        f"{'' if threads else ' (THREADS = 0: torch default)'}")
+
+
+def _checkpoint_settings(overrides: dict, kind: str) -> dict:
+    """A checkpoint given on the command line must exist (checked before the run folder is
+    made). For --RUN=val/test: its config's CHECKPOINT_KEYS (the dataset and sizes it was
+    trained with), which the command line's flags override."""
+    path = overrides.get("CKPT_PATH")
+    if not path:
+        return {}
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (--CKPT_PATH)")
+    if kind != "train" or overrides.get("RUN_MODE", "train") == "train":
+        return {}
+    try:     # mmap: the config without reading the weights; the run loads and checks it all
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
+    except Exception:       # a released or damaged file: loading it later says what is wrong
+        return {}
+    return {k: saved[k] for k in CHECKPOINT_KEYS if k in saved and k not in overrides}
 
 
 def _run_folder(cfg, mode: str) -> Path:

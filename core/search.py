@@ -3,17 +3,19 @@
 Per epoch (ProxylessNAS order): sample a path and take a weight step on the weight split;
 every ARCH_STEP_EVERY steps from ARCH_START_EPOCH on, take an architecture step on the next
 batch of the architecture split. After the epoch: checkpoint, write the arg-max
-architecture as ``"epochN"``, log every block's softmax weights, score the arg-max
-sub-network on the architecture split.
+architecture as ``"epochN"``, log every block's softmax weights and how many blocks changed
+their arg-max (or for how many epochs none has), score the arg-max sub-network on the
+architecture split, record it all in records.jsonl.
 """
 from __future__ import annotations
 
 import itertools
+import time
 
 import torch
 from torch.utils.data import Subset
 
-from core import pictures
+from core import pictures, records
 from core.loop import (autocast, build_net, checkpoint_payload, evaluate, format_metrics,
                        grad_scaler, load_checked, loader, resume_state, run_epoch,
                        stopped_message, to_device)
@@ -55,19 +57,23 @@ def run_search(cfg, task, run) -> dict:
         with autocast(cfg, device):
             return task.loss(net(batch), batch)
 
-    start_epoch, step, archs = 0, 0, {}     # archs: the content of arch.json
+    start_epoch, step, archs, stable = 0, 0, {}, 0     # archs: the content of arch.json
     if cfg.RESUME:
-        start_epoch, step, archs = _resume(run, net, optim, architect, path_gen, task)
+        start_epoch, step, archs, stable = _resume(run, net, optim, architect, path_gen, task)
         run.save_config(cfg)            # the resumed run's config, now that it has loaded
     elif cfg.CKPT_PATH:
         warm_start(net, cfg.CKPT_PATH, task, run.log)
     arch_file = run.folder / "arch.json"
     metrics = {}
+    run.work_starts()
+    log_book = records.Records(run, cfg.TENSORBOARD, kept_until=start_epoch)
+    chosen = records.argmax_of(records.block_probs(net))      # the arg-max before this epoch
     def sample_path():
         for m in architect.mixed:
             m.sample(path_gen)
 
     for epoch in range(start_epoch, cfg.MAX_EPOCH):
+        t0 = time.time()
         for m in architect.mixed:
             m.choose_argmax()           # hard negatives are mined with the arg-max network
         arch_batches = _cycle(task, arch_set, cfg, cfg.SEED * 1000 + epoch + 500)
@@ -79,25 +85,36 @@ def run_search(cfg, task, run) -> dict:
                 architect.step(lambda: arch_loss(arch_batch), path_gen,
                                lambda problem: stopped_message(where, problem, task, arch_batch))
 
-        line, step, loss = run_epoch(net, task, weight_set, cfg, device, optim, params, scaler,
-                                     epoch, step, "search", before_step=sample_path,
-                                     after_step=arch_step)
+        line, step, stats = run_epoch(net, task, weight_set, cfg, device, optim, params,
+                                      scaler, epoch, step, "search", before_step=sample_path,
+                                      after_step=arch_step)
         arch = current_arch(net.backbone)
         archs[f"epoch{epoch + 1}"] = arch.to_json()
         run.log(line)
         run.log(block_weights(net))
+        probs, searched = records.block_probs(net), epoch >= cfg.ARCH_START_EPOCH
+        before, chosen = chosen, records.argmax_of(probs)
+        changed, stable = records.argmax_step(before, chosen, stable, searched)
+        run.log(records.stability_line(epoch + 1, changed, stable, len(architect.mixed),
+                                       searched))
         metrics = _score_argmax(net, task, arch_set, cfg, device, path_gen)
         run.log(f"epoch {epoch + 1}: arg-max sub-network on the architecture split: "
                 f"{format_metrics(metrics)}")
-        # Drawn before the checkpoint: an epoch killed in between is redone, and redrawn.
-        pictures.search_epoch(run, net, epoch + 1, loss, metrics, cfg.PICTURES)
+        # Drawn and recorded before the checkpoint: an epoch killed in between is redone.
+        pictures.search_epoch(run, net, epoch + 1, stats["loss"], metrics, cfg.PICTURES)
+        log_book.add({"epoch": epoch + 1, "arch_split": metrics, "argmax_changed": changed,
+                      "argmax_stable_epochs": stable, "alphas": probs},
+                     {**stats, "epoch_seconds": time.time() - t0})
         ckpt = run.checkpoint(epoch + 1, checkpoint_payload(
             "search", task, cfg, arch, epoch + 1, step, net, optim, rng_state(path_gen),
-            arch_optim=architect.optim.state_dict()), outputs={arch_file.name: archs})
+            arch_optim=architect.optim.state_dict(), argmax_stable=stable),
+            outputs={arch_file.name: archs}, keep=cfg.CKPT_KEEP)
         run.log(f"epoch {epoch + 1}: checkpoint {ckpt.name}; architecture 'epoch{epoch + 1}' "
                 f"-> {arch_file}")
+    log_book.close()
     run.log(f"search finished: architectures in {arch_file} (use --ARCH_PATH={arch_file} "
-            f"--ARCH_EPOCH=N)")
+            f"--ARCH_EPOCH=N); the arg-max has not changed for {stable} epoch(s) of "
+            f"architecture steps")
     return metrics
 
 
@@ -145,15 +162,16 @@ def warm_start(net, path, task, log) -> None:
     log(f"warm start: supernet weights and architecture logits loaded from {path}")
 
 
-def _resume(run, net, optim, architect, path_gen, task) -> tuple[int, int, dict]:
-    """(epoch, step, arch.json content) of the newest intact checkpoint; a folder without
-    one (killed before its first checkpoint) starts from scratch."""
+def _resume(run, net, optim, architect, path_gen, task) -> tuple[int, int, dict, int]:
+    """(epoch, step, arch.json content, arg-max stability count) of the newest intact
+    checkpoint; a folder without one (killed before its first checkpoint) starts from
+    scratch."""
     path = run.last_checkpoint()
     if path is None:
-        return 0, 0, {}
+        return 0, 0, {}, 0
     ckpt = load_checked(path, task, run.log)
     load_weights(net, ckpt["state_dict"], str(path))
     architect.optim.load_state_dict(ckpt["arch_optim"])
     epoch, step, outputs = resume_state(ckpt, optim, run, path_gen)
     run.log(f"resumed from {path}: epoch {epoch}, step {step}")
-    return epoch, step, outputs.get("arch.json", {})
+    return epoch, step, outputs.get("arch.json", {}), ckpt.get("argmax_stable", 0)

@@ -1,11 +1,12 @@
 """Training a found architecture, and evaluating it (``--RUN=val``) or answering a test split."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 
-from core import pictures
+from core import pictures, records
 from core.arch import Arch, load_arch, parse_arch
 from core.loop import (build_net, checkpoint_payload, evaluate, format_metrics, grad_scaler,
                        load_checked, resume_state, run_epoch)
@@ -36,10 +37,13 @@ def run_train(cfg, task, run) -> dict:
     if ckpt is None:
         run.log(f"warning: --RUN={cfg.RUN_MODE} without --CKPT_PATH evaluates untrained weights")
     splits = cfg.EVAL_SPLIT if cfg.RUN_MODE == "val" else cfg.TEST_SPLIT
+    datasets = {split: task.dataset(split) for split in splits.split(",")}
+    run.work_starts()
     results = {}
-    for split in splits.split(","):
-        metrics, predictions = evaluate(net, task, task.dataset(split), cfg, device, desc=split)
-        out = task.write_predictions(predictions, run.folder, split) if dist.is_main() else None
+    for split, dataset in datasets.items():
+        metrics, predictions = evaluate(net, task, dataset, cfg, device, desc=split)
+        name = f"{split}{checkpoint_tag(ckpt, ckpt_path)}"
+        out = task.write_predictions(predictions, run.folder, name) if dist.is_main() else None
         run.log(f"{split}: {format_metrics(metrics) if metrics else 'no labels'}; "
                 f"predictions -> {out}")
         if metrics:
@@ -47,6 +51,18 @@ def run_train(cfg, task, run) -> dict:
     if results and dist.is_main():
         atomic_write_json(run.folder / f"metrics_{cfg.RUN_MODE}.json", results)
     return results
+
+
+def checkpoint_tag(ckpt: dict | None, path: Path | None) -> str:
+    """What result files add to the split's name to say which checkpoint answered:
+    ``_<VERSION>_epoch<N>`` of ours (``result_test_t1_epoch13.json``), ``_<file name>`` of
+    a released one, nothing for untrained weights."""
+    if ckpt is None:
+        return ""
+    version = (ckpt.get("config") or {}).get("VERSION")
+    if version and isinstance(ckpt.get("epoch"), int):
+        return f"_{version}_epoch{ckpt['epoch']}"
+    return f"_{Path(path).stem}"
 
 
 def _checkpoint_to_load(cfg, run) -> tuple[Path | None, bool]:
@@ -88,7 +104,8 @@ def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
     start_epoch, step, history = 0, 0, []
     if resume_ckpt is not None:
         start_epoch, step, outputs = resume_state(resume_ckpt, optim, run)
-        history = [r for r in outputs.get("metrics.json", []) if r["epoch"] <= start_epoch]
+        history = [r for r in records.history_of(outputs.get("metrics.json"))
+                   if r["epoch"] <= start_epoch]
         run.log(f"resuming after epoch {start_epoch}")
     train_set = task.dataset(cfg.TRAIN_SPLIT)
     eval_sets = {}
@@ -101,9 +118,12 @@ def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
             run.log(f"baseline on {split}: {format_metrics(baseline)}")
     run.log(f"training on {cfg.TRAIN_SPLIT}: {len(train_set)} samples")
     metrics = history[-1][next(iter(eval_sets))] if history and eval_sets else {}
+    run.work_starts()
+    log_book = records.Records(run, cfg.TENSORBOARD, kept_until=start_epoch)
     for epoch in range(start_epoch, cfg.MAX_EPOCH):
-        line, step, loss = run_epoch(net, task, train_set, cfg, device, optim, params, scaler,
-                                     epoch, step, "train")
+        t0 = time.time()
+        line, step, stats = run_epoch(net, task, train_set, cfg, device, optim, params, scaler,
+                                      epoch, step, "train")
         run.log(line)
         # Evaluate before the checkpoint, so that it holds the history up to this epoch.
         if eval_sets:
@@ -113,12 +133,20 @@ def _train(cfg, task, run, net, arch, resume_ckpt, device) -> dict:
                 run.log(f"epoch {epoch + 1}: {split} {format_metrics(record[split])}")
             history.append(record)
             metrics = record[next(iter(eval_sets))]
-        # Drawn before the checkpoint: an epoch killed in between is redone, and redrawn.
-        pictures.train_epoch(run, epoch + 1, loss, history[-1] if eval_sets else None,
+        # Drawn and recorded before the checkpoint: an epoch killed in between is redone.
+        pictures.train_epoch(run, epoch + 1, stats["loss"], history[-1] if eval_sets else None,
                              cfg.PICTURES)
+        log_book.add(history[-1] if eval_sets else {"epoch": epoch + 1},
+                     {**stats, "epoch_seconds": time.time() - t0})
+        summary = records.metrics_file(history)
+        best = summary["best"]["epoch"] if summary["best"] else None
         ckpt = run.checkpoint(epoch + 1, checkpoint_payload(
             "train", task, cfg, arch, epoch + 1, step, net, optim, rng_state()),
-            outputs={"metrics.json": history} if eval_sets else {})
-        run.log(f"epoch {epoch + 1}: checkpoint {ckpt.name}")
+            outputs={"metrics.json": summary} if eval_sets else {}, keep=cfg.CKPT_KEEP,
+            best=best)
+        run.log(f"epoch {epoch + 1}: checkpoint {ckpt.name}"
+                + (f"; best so far: epoch {best} ({summary['best']['split']} "
+                   f"{summary['best']['metric']} {summary['best']['value']:.2f})" if best else ""))
+    log_book.close()
     run.log(f"training finished: checkpoints in {run.folder}")
     return metrics

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from core.records import metrics_file
 from core.run import Run, main, start
 from core.search import run_search
 from core.tasks.itm import ITMTask
@@ -20,7 +21,7 @@ from core.tasks.vgd import VGDTask
 from core.tasks.vqa import VQATask
 from core.train import run_train
 from runkit import _assert_same, build_data, files_of, train_flags
-from utils.io import atomic_write_text
+from utils.io import atomic_write_json, atomic_write_text
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +173,8 @@ def test_full_disk_during_a_checkpoint_is_a_logged_error(finished, tmp_path, cap
     # as a run killed after epoch 1 left it
     (copy / "epoch2.pkl").unlink()
     atomic_write_text(copy / "last", "epoch1.pkl\n")
-    atomic_write_text(copy / "metrics.json", (copy / "metrics.json").read_text()
-                      .split("\n },\n")[0] + "\n }\n]\n")
+    atomic_write_json(copy / "metrics.json", metrics_file(
+        json.loads((copy / "metrics.json").read_text())["epochs"][:1]))
     before = files_of(copy)
 
     def full_disk(obj, f, *args, **kwargs):

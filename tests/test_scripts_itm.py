@@ -42,7 +42,7 @@ def test_search_train_and_test(paths):
     cfg, run, task = start(ITMTask, "train", QUICK + roots + [
         "--RUN=test", f"--CKPT_PATH={run.folder / 'epoch1.pkl'}", "--VERSION=u"])
     results = run_train(cfg, task, run)
-    scores = np.load(run.folder / "scores_test.npy")
+    scores = np.load(run.folder / "scores_test_t_epoch1.npy")
     assert scores.shape == (12, 60) and ((0 <= scores) & (scores <= 1)).all()
     saved = json.loads((run.folder / "metrics_test.json").read_text())
     assert saved == results and saved["test"]["rsum"] == pytest.approx(

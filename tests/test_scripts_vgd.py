@@ -50,6 +50,6 @@ def test_test_run_writes_predictions_per_split(paths):
                                                               "--VERSION=u"])
     results = run_train(cfg, task, run)
     assert set(results) == {"testA", "testB"}
-    preds = json.loads((run.folder / "result_testA.json").read_text())
+    preds = json.loads((run.folder / "result_testA_t_epoch1.json").read_text())
     assert len(preds) == 64 and set(preds[0]) == {"sent_id", "box", "score", "correct"}
     assert results["testA"]["acc"] == pytest.approx(100 * sum(p["correct"] for p in preds) / 64)

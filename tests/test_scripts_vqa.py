@@ -78,7 +78,7 @@ def test_train_val_test_and_resume(roots):
     metrics, folder = train(common + ["--MAX_EPOCH=1", "--VERSION=t"])   # val of the last epoch
     assert 0.0 <= metrics["overall"] <= 100.0 and set(metrics["perAnswerType"]) == \
         {"yes/no", "number", "other"}
-    history = json.loads((folder / "metrics.json").read_text())
+    history = json.loads((folder / "metrics.json").read_text())["epochs"]
     assert history[0]["epoch"] == 1
     assert "baseline on val: majority_answer" in (folder / "log.txt").read_text()
 
@@ -89,19 +89,19 @@ def test_train_val_test_and_resume(roots):
     curves = json.loads((folder / "pictures" / "history.json").read_text())
     assert [(r["epoch"], r["val overall"]) for r in curves] == [
         (r["epoch"], pytest.approx(r["val"]["overall"])) for r in
-        json.loads((folder / "metrics.json").read_text())]
+        json.loads((folder / "metrics.json").read_text())["epochs"]]
     assert (folder / "pictures" / "curves.png").stat().st_size > 1000
 
     # --RUN=val on the checkpoint gives the logged accuracy of that epoch
     ckpt = f"--CKPT_PATH={folder / 'epoch2.pkl'}"
     val, val_folder = train(QUICK + FEWER + paths + ["--RUN=val", ckpt, "--VERSION=v"])
-    logged = json.loads((folder / "metrics.json").read_text())[-1]["val"]["overall"]
+    logged = json.loads((folder / "metrics.json").read_text())["epochs"][-1]["val"]["overall"]
     assert val["val"]["overall"] == pytest.approx(logged)
     assert json.loads((val_folder / "metrics_val.json").read_text()) == val
     assert val_folder == base / "logs" / "vqa" / "val" / "v"
 
     # the attention map of that checkpoint answers what --RUN=val answered
-    answer = json.loads((val_folder / "result_val.json").read_text())[0]
+    answer = json.loads((val_folder / "result_val_t_epoch2.json").read_text())[0]
     drawn = draw_attention(folder / "epoch2.pkl", str(answer["question_id"]),
                            base / "attention.png", TASKS, log=lambda _: None)
     assert drawn["lines"][2].split()[0] == answer["answer"] and len(drawn["lines"]) >= 7
@@ -112,7 +112,7 @@ def test_train_val_test_and_resume(roots):
 
     # --RUN=test writes the EvalAI upload file: every test question, one string answer
     _, test_folder = train(QUICK + paths + ["--RUN=test", ckpt, "--VERSION=u"])
-    result = json.loads((test_folder / "result_test.json").read_text())
+    result = json.loads((test_folder / "result_test_t_epoch2.json").read_text())
     data = paths[0].split("=", 1)[1]
     questions = json.loads((Path(data) / "vqa" /
                             "v2_OpenEnded_mscoco_test2015_questions.json").read_text())

@@ -98,6 +98,42 @@ def _feed(h, obj) -> None:
         raise TypeError(f"checkpoint entry of type {type(obj).__name__} cannot be digested")
 
 
+def checkpoints_in(folder: Path) -> list[tuple[int, Path]]:
+    """``(epoch, path)`` of a run folder's ``epochN.pkl`` files, oldest first."""
+    found = ((re.fullmatch(r"epoch(\d+)\.pkl", p.name), p) for p in Path(folder).glob("*.pkl"))
+    return sorted((int(m[1]), p) for m, p in found if m)
+
+
+def prune_checkpoints(folder: Path, epoch: int, keep: int, best: int | None = None) -> tuple[
+        list[str], list[str]]:
+    """After ``epochN.pkl`` of ``epoch`` is written: delete the checkpoints of earlier epochs
+    but the newest ``keep`` (0: keep all), ``best`` (the best epoch of a training) and the
+    two a ``--RESUME`` needs: the newest intact one and its fallback, the next intact one
+    (each checked against its digest, so a damaged one never counts). Checkpoints of later
+    epochs (a resume from an earlier one overwrites them) are left alone. Returns (deleted
+    names, damaged names seen)."""
+    mine = [(e, p) for e, p in checkpoints_in(folder) if e <= epoch]
+    if keep <= 0 or len(mine) <= keep:
+        return [], []
+    kept = {e for e, _ in mine[-keep:]} | ({best} if best else set())
+    intact, damaged = [], []
+    for e, path in reversed(mine):
+        if len(intact) == 2:
+            break
+        try:
+            load_checkpoint(path)
+            intact.append(e)
+        except CheckpointError:
+            damaged.append(path.name)
+    kept |= set(intact)
+    deleted = []
+    for e, path in mine:
+        if e not in kept:
+            path.unlink(missing_ok=True)
+            deleted.append(path.name)
+    return deleted, damaged
+
+
 # Top-level modules of the original's networks (full_*.py, hygr_*.py) whose names differ
 # from ours in every task; the heads differ per task (``Task.original_key_prefixes``).
 ORIGINAL_PREFIXES = (
