@@ -163,7 +163,7 @@ def draw_attention(ckpt_path, sample: str, out, split: str | None = None,
     cfg = resolve(ckpt["task"], "train", values)
     task = _task_class(ckpt["task"])(cfg, log)
     ensure_data(cfg, task, log)
-    task.prepare()
+    task.prepare(word_vectors=False)        # the embedding is the checkpoint's
     note = check_vocabularies(ckpt, task.model_meta(), str(ckpt_path))
     if note:
         log(note)
