@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from core import config as config_mod
 from core.arch import ArchError
-from core.cli import fail, parse_args, usage, wants_help
+from core.cli import command_line, fail, usage, wants_help
 from core.data.npz import FeatureError
 from core.finite import assert_finite
 from core.tasks.base import DEMO_BUILDERS
@@ -217,7 +217,7 @@ def _launch_per_gpu(argv: list[str], task_cls) -> None:
     if "RANK" in os.environ or not torch.cuda.is_available():
         return
     try:
-        gpus = str(parse_args(argv, task_cls.datasets).get("GPU", "0"))
+        gpus = str(command_line(argv, task_cls.name, "train", task_cls.datasets).get("GPU", "0"))
     except config_mod.ConfigError:
         return                          # start() reports it
     ids = [g.strip() for g in gpus.split(",") if g.strip()]
@@ -244,10 +244,10 @@ def start(task_cls, kind: str, argv: list[str] | None = None):
     dist.init_from_env()
     script = f"{kind}_{task_cls.name}.py"
     if wants_help(argv):
-        print(usage(script, task_cls.datasets))
+        print(usage(script, task_cls.datasets, argv))
         sys.exit(0)
     try:
-        overrides = parse_args(argv, task_cls.datasets)
+        overrides = command_line(argv, task_cls.name, kind, task_cls.datasets)
         cfg = config_mod.resolve(task_cls.name, kind, overrides)
         if cfg.DATASET not in task_cls.datasets:
             raise config_mod.ConfigError(f"DATASET={cfg.DATASET!r}; expected one of "
