@@ -24,9 +24,11 @@ def answers_printed(out: str) -> list[tuple[str, float]]:
 
 def test_top_answers_agree_with_the_evaluation_of_the_checkpoint(trained, capsys):
     base, flags, ckpt = trained
-    # what --RUN=val answers for the first val question ...
-    cfg, run, task = start(VQATask, "train", [*flags, "--RUN=val", f"--CKPT_PATH={ckpt}",
-                                              "--VERSION=val", "--EVAL_BATCH_SIZE=1"])
+    # what --RUN=val answers for the first val question (the checkpoint named the MCAN way,
+    # by the run's version and epoch) ...
+    cfg, run, task = start(VQATask, "train", [*flags, "--RUN=val", "--CKPT_V=tiny",
+                                              "--CKPT_E=1", "--VERSION=val"])
+    assert cfg.CKPT_PATH == str(ckpt)
     run_train(cfg, task, run)
     question, features = val_question(base / "data")
     predicted = {p["question_id"]: p["answer"] for p in
