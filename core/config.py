@@ -154,10 +154,13 @@ KEYS: dict[str, Key] = {
     "SUBSET": Key("int", 0, "use only the first N samples of every split (0: all); for quick tries",
                   min=0),
     # --- data --------------------------------------------------------------------------------
-    "WORD_VECTORS": Key("str", "spacy:en_vectors_web_lg",
-                        "word-vector source: 'spacy:<model>' (en_vectors_web_lg or "
-                        "en_core_web_lg), 'glove:<path to glove.840B.300d.txt>', or 'hash' "
-                        "(deterministic per-word vectors, offline)",
+    # The original's spaCy 2 en_vectors_web_lg is GloVe 840B: read the same file directly.
+    "WORD_VECTORS": Key("str", "glove:datasets/glove/glove.840B.300d.txt",
+                        "word-vector source: 'glove:<path>' (glove.840B.300d.txt, 5.6 GB, from "
+                        "nlp.stanford.edu/projects/glove), 'spacy:<model>' (spaCy 3: "
+                        "en_core_web_lg, not the original's GloVe), or 'hash' (deterministic "
+                        "per-word vectors, offline); not read when --RUN=val/test evaluates a "
+                        "--CKPT_PATH",
                         form=(r"hash|spacy:\S+|glove:.+", "'spacy:<model>', 'glove:<path>' or "
                               "'hash'")),
     "MAX_TOKEN": Key("int", 14, "text tokens per sample (longer texts are cut)", min=1),

@@ -169,7 +169,7 @@ def draw_attention(ckpt_path, sample: str, out, tasks: dict, split: str | None =
                            f"of {', '.join(tasks)}")
     task = tasks[ckpt["task"]](cfg, log)
     ensure_data(cfg, task, log)
-    task.prepare()
+    task.prepare(word_vectors=False)        # the embedding is the checkpoint's
     note = check_vocabularies(ckpt, task.model_meta(), str(ckpt_path))
     if note:
         log(note)

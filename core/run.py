@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from core import config as config_mod
 from core.arch import ArchError
-from core.cli import fail, parse_args, usage, wants_help
+from core.cli import command_line, fail, usage, wants_help
 from core.data.npz import FeatureError
 from core.finite import assert_finite
 from core.records import check_tensorboard
@@ -242,7 +242,7 @@ def main(task_cls, kind: str, runner, argv: list[str] | None = None) -> None:
     Set ``MMNAS_TRACEBACK=1`` to see the full traceback of such an error.
     """
     argv = sys.argv[1:] if argv is None else argv
-    _launch_per_gpu(argv, task_cls)
+    _launch_per_gpu(argv, task_cls, kind)
     cfg, run, task = start(task_cls, kind, argv)
     try:
         runner(cfg, task, run)
@@ -257,13 +257,13 @@ def main(task_cls, kind: str, runner, argv: list[str] | None = None) -> None:
         print(f"run folder: {run.folder}")
 
 
-def _launch_per_gpu(argv: list[str], task_cls) -> None:
+def _launch_per_gpu(argv: list[str], task_cls, kind: str) -> None:
     """``--GPU=0,1,2,3`` outside torchrun: rerun this script under torchrun, one process per
     listed GPU of this machine (``torchrun --standalone --nproc_per_node=N``)."""
     if "RANK" in os.environ or not torch.cuda.is_available():
         return
     try:
-        gpus = str(parse_args(argv, task_cls.datasets).get("GPU", "0"))
+        gpus = str(command_line(argv, task_cls.name, kind, task_cls.datasets).get("GPU", "0"))
     except config_mod.ConfigError:
         return                          # start() reports it
     ids = [g.strip() for g in gpus.split(",") if g.strip()]
@@ -289,10 +289,10 @@ def start(task_cls, kind: str, argv: list[str] | None = None):
     dist.init_from_env()
     script = f"{kind}_{task_cls.name}.py"
     if wants_help(argv):
-        print(usage(script, task_cls.datasets))
+        print(usage(script, task_cls.datasets, argv))
         sys.exit(0)
     try:
-        overrides = parse_args(argv, task_cls.datasets)
+        overrides = command_line(argv, task_cls.name, kind, task_cls.datasets)
         inherited = _checkpoint_settings(overrides, kind)
         cfg = config_mod.resolve(task_cls.name, kind, {**inherited, **overrides})
         if cfg.DATASET not in task_cls.datasets:

@@ -20,7 +20,8 @@ from utils.io import atomic_write_json
 def run_train(cfg, task, run) -> dict:
     device = device_of(cfg, run.log)
     ensure_data(cfg, task, run.log)
-    task.prepare()
+    # Evaluating a checkpoint: its embedding replaces any word vectors, so none are read.
+    task.prepare(word_vectors=cfg.RUN_MODE == "train" or not cfg.CKPT_PATH)
     ckpt_path, continues = _checkpoint_to_load(cfg, run)
     ckpt = load_checked(ckpt_path, task, run.log) if ckpt_path else None
     arch = _architecture(cfg, ckpt, ckpt_path)

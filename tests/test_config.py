@@ -37,7 +37,7 @@ def test_train_section_of_vqa_yml_applies_to_train_runs():
     assert cfg.MAX_REGIONS == 100 and cfg.MAX_TOKEN == 14
     # not in any YAML: declared defaults
     assert cfg.DROPOUT_R == pytest.approx(0.1)
-    assert cfg.DATA_ROOT == "datasets" and cfg.WORD_VECTORS == "spacy:en_vectors_web_lg"
+    assert cfg.DATA_ROOT == "datasets" and cfg.WORD_VECTORS == "glove:datasets/glove/glove.840B.300d.txt"
     assert cfg.TASK == "vqa" and cfg.RUN_MODE == "train"
 
 

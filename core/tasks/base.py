@@ -50,9 +50,15 @@ class Task:
         return self._data_paths
 
     # --- data --------------------------------------------------------------------------
-    def prepare(self) -> None:
-        """Vocabulary, word vectors and label spaces (cached on disk where costly)."""
+    def prepare(self, word_vectors: bool = True) -> None:
+        """Vocabulary, word vectors and label spaces (cached on disk where costly).
+        ``word_vectors`` False: no word vectors (``self.word_vectors`` stays None), for a
+        network whose embedding comes from a checkpoint."""
         raise NotImplementedError
+
+    def word_vector_source(self, wanted: bool) -> str | None:
+        """``WORD_VECTORS``, or None when no word vectors are wanted."""
+        return self.cfg.WORD_VECTORS if wanted else None
 
     def dataset(self, split: str) -> Dataset:
         """The samples of ``split`` (splits may be joined with '+')."""

@@ -110,7 +110,7 @@ class ITMTask(Task):
             raise ValueError(f"unknown Flickr30K split {split!r}; valid: {', '.join(SPLITS)}")
         return read_split(self.root / "f30k_precomp", split)
 
-    def prepare(self) -> None:
+    def prepare(self, word_vectors: bool = True) -> None:
         files = [self.root / "f30k_precomp" / f"{s}_caps.txt" for s in SPLITS]
         files = [f for f in files if f.is_file()]
         if not files:
@@ -122,8 +122,8 @@ class ITMTask(Task):
                 yield from read_lines(f, "captions")
 
         self.vocab, self.word_vectors = cached_vocab_and_vectors(
-            self.root / "cache", files, texts, self.cfg.WORD_VECTORS, self.cfg.WORD_EMBED_SIZE,
-            self.log)
+            self.root / "cache", files, texts, self.word_vector_source(word_vectors),
+            self.cfg.WORD_EMBED_SIZE, self.log)
         self.mapping = self._mapping()
 
     def dataset(self, split: str) -> ITMDataset:

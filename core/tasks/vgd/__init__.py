@@ -93,7 +93,7 @@ class VGDTask(Task):
                              f"{', '.join(SPLITS[self.cfg.DATASET])}")
         return self.root / f"{split}.json"
 
-    def prepare(self) -> None:
+    def prepare(self, word_vectors: bool = True) -> None:
         files = [self._split_file(s) for s in SPLITS[self.cfg.DATASET]]
         missing = [f for f in files if not f.is_file()]
         if missing:
@@ -108,7 +108,7 @@ class VGDTask(Task):
                     yield e["tokens"]
 
         self.vocab, self.word_vectors = cached_vocab_and_vectors(
-            self.root / "cache", files, token_lists, self.cfg.WORD_VECTORS,
+            self.root / "cache", files, token_lists, self.word_vector_source(word_vectors),
             self.cfg.WORD_EMBED_SIZE, self.log, rule="tokens")
 
     def dataset(self, split: str) -> VGDDataset:

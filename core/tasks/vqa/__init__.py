@@ -87,7 +87,7 @@ class VQATask(Task):
         return self.data_paths.features
 
     # --- vocabularies ------------------------------------------------------------------
-    def prepare(self) -> None:
+    def prepare(self, word_vectors: bool = True) -> None:
         files = [self.root / QUESTIONS[s] for s in VOCAB_SPLITS if (self.root / QUESTIONS[s])
                  .is_file()]
         if not files:
@@ -103,8 +103,8 @@ class VQATask(Task):
                     yield q["question"]
 
         self.vocab, self.word_vectors = cached_vocab_and_vectors(
-            self.cache, files, texts, self.cfg.WORD_VECTORS, self.cfg.WORD_EMBED_SIZE,
-            self.log)
+            self.cache, files, texts, self.word_vector_source(word_vectors),
+            self.cfg.WORD_EMBED_SIZE, self.log)
         self.ans_to_ix, self.ix_to_ans = self._answer_dict()
         self.log(f"answers: {len(self.ans_to_ix)}")
 
