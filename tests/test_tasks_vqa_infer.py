@@ -32,7 +32,7 @@ def test_top_answers_agree_with_the_evaluation_of_the_checkpoint(trained, capsys
     run_train(cfg, task, run)
     question, features = val_question(base / "data")
     predicted = {p["question_id"]: p["answer"] for p in
-                 json.loads((run.folder / "result_val.json").read_text())}
+                 json.loads((run.folder / "result_val_tiny_epoch1.json").read_text())}
     capsys.readouterr()
     # ... is the top answer of the single-sample command, run on its feature file alone
     infer_vqa.main([f"--CKPT_PATH={ckpt}", f"--FEATURES={features}",

@@ -88,7 +88,7 @@ def test_evaluating_a_checkpoint_reads_no_word_vectors(trained, tmp_path, capsys
     assert task.word_vectors is None and "overall" in results["val"]
     log = (run.folder / "log.txt").read_text()
     assert "word vectors: not needed, the embedding is the checkpoint's" in log
-    assert (run.folder / "result_val.json").is_file()
+    assert (run.folder / "result_val_tiny_epoch1.json").is_file()
 
 
 def test_training_without_the_glove_file_stops_with_one_line(trained, tmp_path, capsys,
