@@ -178,7 +178,7 @@ def run_epoch(net: nn.Module, task, dataset: Dataset, cfg, device, optim, params
         before_step()
         total += weight_step(net, task, batch, optim, params, cfg, device, scaler,
                              where=f"epoch {epoch + 1}, step {step + 1}")
-        n += len(batch["txt"])
+        n += task.pairs_in(batch)
         step += 1
         after_step(step)
         bar.set_postfix(loss=f"{total / n:.4f}", lr=f"{lr:.2e}")
