@@ -5,7 +5,8 @@ over every image's and every caption's candidates), the weight steps, the dev ev
     python3 bench/bench_itm_epoch.py --set ITM_NEG_CANDIDATES=8 --steps 20
 
 One process, one phase after the other (mining, steps, evaluation, mining again: the two
-mining rows show how much the machine's load moved meanwhile). The weights are untrained;
+mining rows show how much the machine's load moved meanwhile), then the weight step with each
+caption's and image's side computed once against the three pairs computed separately. The weights are untrained;
 the cost of each phase does not depend on them. Prints seconds per phase and the share of a
 whole epoch (mining + all of the epoch's steps + evaluation), extrapolating the steps from
 ``--steps`` timed ones.
@@ -81,6 +82,7 @@ def main() -> None:
     evaluate(net, task, dev, cfg, cpu, "dev")
     evaluation = time.perf_counter() - t
     mining_again = mine()
+    shared_ms, separate_ms = shared_vs_separate(net, task, train, cfg, optim, params, args.steps)
     steps = step * len(batches)
     total = (mining + mining_again) / 2 + steps + evaluation
     print(f"ITM demo epoch: {len(train)} captions, {train.n_images} images, "
@@ -90,6 +92,37 @@ def main() -> None:
                           f"({1000 * step:.0f} ms each)", steps), ("dev evaluation", evaluation),
                           ("mining negatives again", mining_again)):
         print(f"  {name:<36} {seconds:7.1f} s  {100 * seconds / total:5.1f} %")
+    print(f"weight step, each side once {shared_ms:.0f} ms vs three separate pairs "
+          f"{separate_ms:.0f} ms ({separate_ms / shared_ms:.2f}x; A B A B, same batches)")
+
+
+def separate_pairs(batch: dict) -> dict:
+    """The batch as before sides were shared: every pair's caption and image stacked."""
+    out = dict(batch, txt=batch["txt"][batch["txt_rows"]], img=batch["img"][batch["img_rows"]],
+               boxes=batch["boxes"][batch["img_rows"]])
+    del out["txt_rows"], out["img_rows"]
+    return out
+
+
+def shared_vs_separate(net, task, train, cfg, optim, params, steps: int):
+    """ms per weight step of the same batches, shared and separate, interleaved."""
+    import torch
+
+    from core.loop import loader, weight_step
+    batches = []
+    for batch in loader(task, train, cfg, cfg.BATCH_SIZE, True, 1):
+        batches.append(batch)
+        if len(batches) == steps:
+            break
+    times = {"shared": 0.0, "separate": 0.0}
+    for _ in range(2):
+        for kind in times:
+            t = time.perf_counter()
+            for batch in batches:
+                b = batch if kind == "shared" else separate_pairs(batch)
+                weight_step(net, task, b, optim, params, cfg, torch.device("cpu"))
+            times[kind] += (time.perf_counter() - t) / (2 * len(batches))
+    return 1000 * times["shared"], 1000 * times["separate"]
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from core.config import ConfigError
+from core.data.bucketing import bucketed_sampler
 from core.finite import NonFiniteError, grad_problem, loss_problem
 from core.model import Net
 from utils import dist
@@ -55,8 +56,14 @@ def loader(task, dataset: Dataset, cfg, batch_size: int, shuffle: bool, seed: in
 
     Always with its own generator: a loader without one draws its worker seed from the
     global RNG, and an evaluation would then change the dropout masks of later steps.
+    Training batches are bucketed by region count with ``--BUCKET_BATCHES=on``.
     """
-    return DataLoader(dataset, batch_sampler=RankBatches(len(dataset), batch_size, shuffle, seed),
+    batches = None
+    if shuffle and cfg.BUCKET_BATCHES == "on":
+        batches = bucketed_sampler(task, dataset, batch_size, seed, cfg.MAX_REGIONS)
+    if batches is None:
+        batches = RankBatches(len(dataset), batch_size, shuffle, seed)
+    return DataLoader(dataset, batch_sampler=batches,
                       num_workers=cfg.NUM_WORKERS, collate_fn=task.collate,
                       generator=torch.Generator().manual_seed(seed),
                       pin_memory=torch.cuda.is_available())
