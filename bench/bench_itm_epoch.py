@@ -2,14 +2,13 @@
 over every image's and every caption's candidates), the weight steps, the dev evaluation.
 
     python3 bench/bench_itm_epoch.py                    # the demo config, untrained weights
-    python3 bench/bench_itm_epoch.py --set ITM_NEG_CANDIDATES=8 --steps 20
+    python3 bench/bench_itm_epoch.py --set ITM_NEG_CANDIDATES=8 --steps 8
 
-One process, one phase after the other (mining, steps, evaluation, mining again: the two
-mining rows show how much the machine's load moved meanwhile), then the weight step with each
-caption's and image's side computed once against the three pairs computed separately. The weights are untrained;
-the cost of each phase does not depend on them. Prints seconds per phase and the share of a
-whole epoch (mining + all of the epoch's steps + evaluation), extrapolating the steps from
-``--steps`` timed ones.
+One process, one phase after the other: mining on a few images, the weight step (each side
+once, then the three pairs separately, twice over), the evaluation on a few dev images, mining
+again (the two mining rates show how much the machine's load moved meanwhile). The rates are
+scaled to the whole epoch by its pair counts. The weights are untrained: the cost of a phase
+does not depend on them.
 """
 from __future__ import annotations
 
@@ -45,53 +44,67 @@ def setup(overrides: dict):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=10, help="weight steps to time")
+    ap.add_argument("--steps", type=int, default=4, help="weight steps to time (each way)")
+    ap.add_argument("--images", type=int, default=40,
+                    help="train images whose negatives are mined for the timing")
+    ap.add_argument("--eval-images", type=int, default=8,
+                    help="dev images scored against all dev captions for the timing")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides, e.g. ITM_NEG_CANDIDATES=8")
     args = ap.parse_args()
+    import numpy as np
     import torch
     import yaml
 
-    from core.loop import evaluate, loader, weight_step
+    from core.loop import loader
     from core.mixed import weight_parameters
+    from core.tasks.itm import score_pairs
 
     torch.set_num_threads(args.threads)
     cfg, task, net = setup({k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
     cpu = torch.device("cpu")
     train, dev = task.dataset("train"), task.dataset(cfg.EVAL_SPLIT.split(",")[0])
-    hard_epoch = cfg.ITM_HARD_NEG_EPOCH
+    cands = cfg.ITM_NEG_CANDIDATES
+    few = task.dataset("train")                  # the first --images images and their captions
+    keep = np.flatnonzero(few.caption_image < args.images)
+    few.tokens, few.caption_image = few.tokens[keep], few.caption_image[keep]
+    few.keys = few.keys[:args.images]
 
-    def mine():
+    def mining_rate():
+        """pairs/s of a hard-negative mining pass (on --images images)."""
         t = time.perf_counter()
-        task.start_epoch(net, train, hard_epoch, cpu)
-        return time.perf_counter() - t
+        task.start_epoch(net, few, cfg.ITM_HARD_NEG_EPOCH, cpu)
+        return (few.n_images + len(few)) * cands / (time.perf_counter() - t)
 
-    mining = mine()
+    def eval_rate():
+        """pairs/s of the retrieval evaluation (--eval-images dev images x all captions)."""
+        img = np.repeat(np.arange(args.eval_images), len(dev))
+        cap = np.tile(np.arange(len(dev)), args.eval_images)
+        t = time.perf_counter()
+        score_pairs(net, dev, img, cap, cpu, cfg.eval_batch_size())
+        return len(img) / (time.perf_counter() - t)
+
+    rates = [mining_rate()]
     params = weight_parameters(net)
     optim = torch.optim.Adam(params, lr=cfg.LR_BASE)
-    batches = loader(task, train, cfg, cfg.BATCH_SIZE, True, 0)
-    net.train()
-    t, done = time.perf_counter(), 0
-    for done, batch in enumerate(batches, 1):
-        weight_step(net, task, batch, optim, params, cfg, cpu)
-        if done == args.steps:
-            break
-    step = (time.perf_counter() - t) / done
-    t = time.perf_counter()
-    evaluate(net, task, dev, cfg, cpu, "dev")
-    evaluation = time.perf_counter() - t
-    mining_again = mine()
     shared_ms, separate_ms = shared_vs_separate(net, task, train, cfg, optim, params, args.steps)
-    steps = step * len(batches)
-    total = (mining + mining_again) / 2 + steps + evaluation
-    print(f"ITM demo epoch: {len(train)} captions, {train.n_images} images, "
-          f"{len(batches)} steps of {cfg.BATCH_SIZE}; {cfg.ITM_NEG_CANDIDATES} candidates; "
-          f"dev {dev.n_images} x {len(dev)} pairs")
-    for name, seconds in (("mining negatives", mining), (f"{len(batches)} weight steps "
-                          f"({1000 * step:.0f} ms each)", steps), ("dev evaluation", evaluation),
-                          ("mining negatives again", mining_again)):
-        print(f"  {name:<36} {seconds:7.1f} s  {100 * seconds / total:5.1f} %")
+    rates += [eval_rate(), mining_rate()]
+    steps = len(loader(task, train, cfg, cfg.BATCH_SIZE, True, 0))
+    mining_pairs = (train.n_images + len(train)) * cands
+    eval_pairs = dev.n_images * len(dev)
+    phases = (("mining negatives", mining_pairs / ((rates[0] + rates[2]) / 2)),
+              (f"{steps} weight steps", steps * shared_ms / 1000),
+              ("dev evaluation", eval_pairs / rates[1]))
+    total = sum(p[1] for p in phases)
+    print(f"ITM demo epoch: {len(train)} captions, {train.n_images} images, {steps} steps of "
+          f"{cfg.BATCH_SIZE} samples (3 pairs each); mining {cands} candidates per image and per "
+          f"caption = {mining_pairs} pairs; dev {dev.n_images} x {len(dev)} = {eval_pairs} pairs")
+    print(f"scoring: mining {rates[0]:.0f} then {rates[2]:.0f} pairs/s, evaluation "
+          f"{rates[1]:.0f} pairs/s; weight step {shared_ms:.0f} ms")
+    for name, seconds in phases:
+        print(f"  {name:<24} {seconds:7.1f} s  {100 * seconds / total:5.1f} % of a hard-negative "
+              f"epoch")
     print(f"weight step, each side once {shared_ms:.0f} ms vs three separate pairs "
           f"{separate_ms:.0f} ms ({separate_ms / shared_ms:.2f}x; A B A B, same batches)")
 

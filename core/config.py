@@ -141,6 +141,9 @@ KEYS: dict[str, Key] = {
     "BUCKET_BATCHES": Key("str", "off", "training batches of samples with similar region counts "
                           "(less padding; needs a packed feature store): off | on",
                           choices=("off", "on")),
+    "COMPILE": Key("str", "off", "torch.compile (inductor) the network for search, training and "
+                   "evaluation: off | on (eager when no compiler is found; see core/compile.py)",
+                   choices=("off", "on"), defines_run=False),
     "SUBSET": Key("int", 0, "use only the first N samples of every split (0: all); for quick tries",
                   min=0),
     # --- data --------------------------------------------------------------------------------
