@@ -86,6 +86,8 @@ def main() -> None:
         return len(img) / (time.perf_counter() - t)
 
     rates = [mining_rate()]
+    print(f"mining: {rates[0]:.0f} pairs/s", flush=True)
+    task.start_epoch(net, train, 0, cpu)          # random negatives: three pairs per sample
     params = weight_parameters(net)
     optim = torch.optim.Adam(params, lr=cfg.LR_BASE)
     shared_ms, separate_ms = shared_vs_separate(net, task, train, cfg, optim, params, args.steps)
