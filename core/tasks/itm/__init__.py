@@ -2,7 +2,7 @@
 
 Training sample = a caption with its image, one hard negative caption (of the image) and one
 hard negative image (of the caption); the three pairs are scored in one forward and trained
-with BCE. Hard negatives are re-mined before every epoch: for every image 64 random captions
+with BCE, each caption's text side and each image's side computed once (``collate``). Hard negatives are re-mined before every epoch: for every image 64 random captions
 and for every caption 64 random images are scored with the current network, the top 5 kept,
 and each sample draws one of the five (from its own seeded generator, never the global RNG).
 
