@@ -53,10 +53,10 @@ def naive(net, ds, pair_img, pair_cap, batch, cfg, device):
     with torch.no_grad(), autocast(cfg, device):
         for s in range(0, len(pair_img), batch):
             imgs = [ds.image(int(i)) for i in pair_img[s:s + batch]]
-            b = {"txt": torch.from_numpy(ds.tokens[pair_cap[s:s + batch]]),
-                 "img": torch.from_numpy(np.stack([f for f, _ in imgs])),
-                 "boxes": torch.from_numpy(np.stack([bx for _, bx in imgs]))}
-            out.append(torch.sigmoid(net(b).float()).numpy())
+            b = {"txt": torch.from_numpy(ds.tokens[pair_cap[s:s + batch]]).to(device),
+                 "img": torch.from_numpy(np.stack([f for f, _ in imgs])).to(device),
+                 "boxes": torch.from_numpy(np.stack([bx for _, bx in imgs])).to(device)}
+            out.append(torch.sigmoid(net(b).float()).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--amp", default="off", choices=["off", "bf16"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "itm_eval.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -75,8 +77,8 @@ def main() -> None:
     task = ITMTask(cfg, lambda m: None)
     task.vocab = {f"w{i}": i for i in range(10000)}
     net = build_net(cfg, task, fixed_backbone(cfg, load_arch(REPO / "arch/mmnas_itm.json", 0, 12, 18)))
-    net.eval()
-    device = torch.device("cpu")
+    device = torch.device(args.device)
+    net.to(device).eval()
     with tempfile.TemporaryDirectory() as tmp:
         ds = make_dataset(Path(tmp), cfg, args.images, args.captions)
         pair_img = np.repeat(np.arange(args.images), args.captions)
@@ -92,7 +94,7 @@ def main() -> None:
                 rows[name] = {"seconds": time.perf_counter() - t, "scores": scores}
     diff = float(np.abs(rows["ours"]["scores"] - rows["naive"]["scores"]).max())
     result = {"pairs": len(pair_img), "hsize": args.hsize, "amp": args.amp,
-              "threads": args.threads, "max_abs_diff": diff}
+              "threads": args.threads, "device": args.device, "max_abs_diff": diff}
     print(f"{len(pair_img)} pairs, H={args.hsize}, amp {args.amp}, {args.threads} threads")
     for name in ("ours", "naive"):
         pps = len(pair_img) / rows[name]["seconds"]
@@ -100,9 +102,9 @@ def main() -> None:
         print(f"  {name:<6} {pps:10.1f} pairs/s")
     print(f"  speed-up {result['ours_pairs_per_s'] / result['naive_pairs_per_s']:.2f}x, "
           f"max |ours - naive| = {diff:.2e}")
-    out = REPO / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "itm_eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -151,6 +151,12 @@ KEYS: dict[str, Key] = {
     "AMP": Key("str", "off", "mixed precision for search, training and evaluation: off | bf16 "
                "| fp16 (fp16 with loss scaling; bf16 also on CPUs with bf16 units)",
                choices=("off", "bf16", "fp16")),
+    "BUCKET_BATCHES": Key("str", "off", "training batches of samples with similar region counts "
+                          "(less padding; needs a packed feature store): off | on",
+                          choices=("off", "on")),
+    "COMPILE": Key("str", "off", "torch.compile (inductor) the network for search, training and "
+                   "evaluation: off | on (eager when no compiler is found; see core/compile.py)",
+                   choices=("off", "on"), defines_run=False),
     "SUBSET": Key("int", 0, "use only the first N samples of every split (0: all); for quick tries",
                   min=0),
     # --- data --------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from core.config import ConfigError
+from core.data.bucketing import bucketed_sampler
 from core.finite import NonFiniteError, grad_problem, loss_problem
 from core.model import Net
 from utils import dist
@@ -55,8 +56,14 @@ def loader(task, dataset: Dataset, cfg, batch_size: int, shuffle: bool, seed: in
 
     Always with its own generator: a loader without one draws its worker seed from the
     global RNG, and an evaluation would then change the dropout masks of later steps.
+    Training batches are bucketed by region count with ``--BUCKET_BATCHES=on``.
     """
-    return DataLoader(dataset, batch_sampler=RankBatches(len(dataset), batch_size, shuffle, seed),
+    batches = None
+    if shuffle and cfg.BUCKET_BATCHES == "on":
+        batches = bucketed_sampler(task, dataset, batch_size, seed, cfg.MAX_REGIONS)
+    if batches is None:
+        batches = RankBatches(len(dataset), batch_size, shuffle, seed)
+    return DataLoader(dataset, batch_sampler=batches,
                       num_workers=cfg.NUM_WORKERS, collate_fn=task.collate,
                       generator=torch.Generator().manual_seed(seed),
                       pin_memory=torch.cuda.is_available())
@@ -178,7 +185,7 @@ def run_epoch(net: nn.Module, task, dataset: Dataset, cfg, device, optim, params
         before_step()
         total += weight_step(net, task, batch, optim, params, cfg, device, scaler,
                              where=f"epoch {epoch + 1}, step {step + 1}")
-        n += len(batch["txt"])
+        n += task.pairs_in(batch)
         step += 1
         after_step(step)
         bar.set_postfix(loss=f"{total / n:.4f}", lr=f"{lr:.2e}")

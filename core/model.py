@@ -25,6 +25,10 @@ class Side:
     mask: torch.Tensor
     rel: torch.Tensor | None = None
 
+    def take(self, rows: torch.Tensor) -> "Side":
+        """The sides of ``rows`` (a sequence may be taken several times)."""
+        return Side(self.x[rows], self.mask[rows], None if self.rel is None else self.rel[rows])
+
 
 class Backbone(nn.Module):
     """Encoder blocks over the text (``enc_list``), decoder blocks over the image
@@ -115,7 +119,10 @@ class Net(nn.Module):
     """Word embedding + LSTM, region projection, backbone, task head.
 
     ``forward(batch)`` returns what the head returns. ``batch`` holds ``txt`` (token ids
-    [B, T]), ``img`` (region features [B, N, 2048]) and ``boxes`` ([B, N, 4]).
+    [B, T]), ``img`` (region features [B, N, 2048]) and ``boxes`` ([B, N, 4]). Pairs that
+    share captions or images (an ITM training sample: a caption with its image, a negative
+    caption, a negative image) come as the distinct ones plus ``txt_rows`` and ``img_rows``
+    ([P] indices into them, one per pair): each text and image side is then computed once.
     """
 
     def __init__(self, vocab_size: int, word_vectors: np.ndarray | None, cfg,
@@ -153,8 +160,11 @@ class Net(nn.Module):
         return self.head(txt.x, txt.mask, img.x, img.mask)
 
     def forward(self, batch):
-        return self.fuse(self.text_side(batch["txt"]),
-                         self.image_side(batch["img"], batch["boxes"]))
+        txt = self.text_side(batch["txt"])
+        img = self.image_side(batch["img"], batch["boxes"])
+        if "txt_rows" in batch:     # no dropout before here: sharing changes no number
+            txt, img = txt.take(batch["txt_rows"]), img.take(batch["img_rows"])
+        return self.fuse(txt, img)
 
 
 def op_spec(cfg) -> OpSpec:

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Subset
 
 from core import pictures, records
+from core.compile import compile_net
 from core.loop import (autocast, build_net, checkpoint_payload, evaluate, format_metrics,
                        grad_scaler, load_checked, loader, resume_state, run_epoch,
                        stopped_message, to_device)
@@ -47,6 +48,7 @@ def run_search(cfg, task, run) -> dict:
                 f"{cfg.MAX_EPOCH}: these epochs take no architecture step; arch.json will "
                 f"hold the prior architecture")
     net = build_net(cfg, task, search_backbone(cfg)).to(device)
+    compile_net(net, cfg, device, run.log)
     params = weight_parameters(net)
     optim = torch.optim.Adam(params, lr=cfg.LR_BASE, betas=tuple(cfg.OPT_BETAS), eps=cfg.OPT_EPS)
     architect = Architect(net, cfg.ARCH_LR, cfg.ARCH_BETAS, cfg.ARCH_MODE)

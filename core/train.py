@@ -8,6 +8,7 @@ import torch
 
 from core import pictures, records
 from core.arch import Arch, load_arch, parse_arch
+from core.compile import compile_net
 from core.loop import (build_net, checkpoint_payload, evaluate, format_metrics, grad_scaler,
                        load_checked, resume_state, run_epoch)
 from core.model import fixed_backbone
@@ -27,6 +28,7 @@ def run_train(cfg, task, run) -> dict:
     arch = _architecture(cfg, ckpt, ckpt_path)
     run.log(f"architecture: enc {' '.join(arch.enc)}\n              dec {' '.join(arch.dec)}")
     net = build_net(cfg, task, fixed_backbone(cfg, arch)).to(device)
+    compile_net(net, cfg, device, run.log)
     run.log(f"parameters: {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M")
     if ckpt is not None:
         load_weights(net, ckpt["state_dict"], str(ckpt_path), task.original_key_prefixes)

@@ -123,20 +123,53 @@ def test_loss_counts_the_positive_twice_by_default():
     assert float(task.loss(out, batch)) == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_training_batch_stacks_three_pairs(dataset):
+def test_training_batch_carries_each_caption_and_image_once(dataset):
     cfg, ds = dataset
     task = ITMTask(small_cfg(DATASET="demo", MAX_REGIONS=REGIONS, IMG_FEAT_SIZE=24,
                              ITM_POS_TWICE=False), print)
     ds.set_negatives(np.zeros((N_IMG, 2), int) + 1, np.zeros((len(ds), 2), int) + 2, epoch=1)
     batch = task.collate([ds[0], ds[1]])
-    assert batch["txt"].shape[0] == 6 and batch["target"].tolist() == [1, 1, 0, 0, 0, 0]
+    assert batch["target"].tolist() == [1, 1, 0, 0, 0, 0] and task.pairs_in(batch) == 6
     assert batch["weight"].tolist() == [1.0] * 6
-    assert torch.equal(batch["txt"][4], batch["txt"][0])          # same caption, other image
-    assert torch.equal(batch["img"][2], batch["img"][0])          # same image, other caption
+    # two captions + two negative captions, two images + two negative images
+    assert batch["txt"].shape[0] == 4 and batch["img"].shape[0] == 4
+    assert batch["txt_rows"].tolist() == [0, 1, 2, 3, 0, 1]      # pair 4: same caption,
+    assert batch["img_rows"].tolist() == [0, 1, 0, 1, 2, 3]      # other image
     img2, _ = ds.image(2)
-    assert torch.equal(batch["img"][4], torch.from_numpy(img2))   # the negative image
+    assert torch.equal(batch["img"][2], torch.from_numpy(img2))   # the negative image
+    assert torch.equal(batch["txt"][2], torch.from_numpy(ds.tokens[ds.neg_captions[
+        ds.caption_image[0], 0]]))                                # the negative caption
     # the same sample draws the same negatives every time (no global RNG)
     assert torch.equal(task.collate([ds[0]])["txt"], task.collate([ds[0]])["txt"])
+
+
+def test_shared_sides_give_the_loss_and_gradients_of_three_separate_pairs(dataset):
+    """Each caption's and image's side computed once and indexed into its pairs trains
+    exactly as the three pairs through the whole network (dropout on: same masks)."""
+    cfg, ds = dataset
+    cfg = small_cfg(DATASET="demo", MAX_REGIONS=REGIONS, DROPOUT_R=0.1)
+    task = ITMTask(cfg, print)
+    ds.set_negatives(np.stack([(np.arange(N_IMG) + 1) % N_IMG] * 2, 1),
+                     np.stack([(ds.caption_image + 2) % N_IMG] * 2, 1), epoch=1)
+    shared = task.collate([ds[j] for j in range(6)])
+    separate = dict(shared, txt=shared["txt"][shared["txt_rows"]],
+                    img=shared["img"][shared["img_rows"]],
+                    boxes=shared["boxes"][shared["img_rows"]])
+    del separate["txt_rows"], separate["img_rows"]
+    net = _net(cfg).train()
+    results = []
+    for batch in (shared, separate):
+        net.zero_grad()
+        torch.manual_seed(3)
+        loss = task.loss(net(batch), batch)
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in net.named_parameters()
+                                        if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, rtol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and "lstm.weight_hh_l0" in grads_a
+    for k in grads_a:
+        assert torch.allclose(grads_a[k], grads_b[k], rtol=1e-5, atol=1e-7), k
 
 
 def test_evaluation_of_a_caption_subset_scores_only_its_images(dataset):

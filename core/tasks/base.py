@@ -67,6 +67,10 @@ class Task:
     def collate(self, samples: list[dict]) -> dict:
         raise NotImplementedError
 
+    def pairs_in(self, batch: dict) -> int:
+        """How many samples (text-image pairs) a batch scores, for the loss and speed lines."""
+        return len(batch["txt"])
+
     def describe_batch(self, batch: dict, shown: int = 64) -> str:
         """``the batch of question ids [1, 2, ...] (64 in all)``: which samples to inspect."""
         key, words = self.batch_ids

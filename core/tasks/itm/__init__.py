@@ -2,7 +2,7 @@
 
 Training sample = a caption with its image, one hard negative caption (of the image) and one
 hard negative image (of the caption); the three pairs are scored in one forward and trained
-with BCE. Hard negatives are re-mined before every epoch: for every image 64 random captions
+with BCE, each caption's text side and each image's side computed once (``collate``). Hard negatives are re-mined before every epoch: for every image 64 random captions
 and for every caption 64 random images are scored with the current network, the top 5 kept,
 and each sample draws one of the five (from its own seeded generator, never the global RNG).
 
@@ -143,24 +143,34 @@ class ITMTask(Task):
         return ITMDataset(tokens, data.caption_image[keep], keys, feats, self.cfg)
 
     def collate(self, samples: list[dict]) -> dict:
-        """Positive, negative-caption and negative-image pairs, stacked in that order."""
+        """Positive, negative-caption and negative-image pairs, in that order (3n pairs for
+        n samples with negatives): ``txt`` holds the n captions then the n negative captions,
+        ``img``/``boxes`` the n images then the n negative images, each once, and
+        ``txt_rows``/``img_rows`` which of them each pair reads (see ``Net.forward``)."""
         txt = [s["txt"] for s in samples]
         img = [s["img"] for s in samples]
         boxes = [s["boxes"] for s in samples]
         n = len(samples)
         target = [1.0] * n
+        rows = {}
         if "neg_txt" in samples[0]:
-            txt += [s["neg_txt"] for s in samples] + [s["txt"] for s in samples]
-            img += img[:n] + [s["neg_img"] for s in samples]
-            boxes += boxes[:n] + [s["neg_boxes"] for s in samples]
+            txt += [s["neg_txt"] for s in samples]
+            img += [s["neg_img"] for s in samples]
+            boxes += [s["neg_boxes"] for s in samples]
+            own, other = torch.arange(n), torch.arange(n, 2 * n)
+            rows = {"txt_rows": torch.cat([own, other, own]),
+                    "img_rows": torch.cat([own, own, other])}
             target += [0.0] * (2 * n)
         pos_weight = 2.0 if self.cfg.ITM_POS_TWICE else 1.0
         return {"txt": torch.from_numpy(np.stack(txt)),
                 "img": torch.from_numpy(pad_regions(img, self.cfg.IMG_FEAT_SIZE)),
-                "boxes": torch.from_numpy(pad_regions(boxes, 4)),
+                "boxes": torch.from_numpy(pad_regions(boxes, 4)), **rows,
                 "target": torch.tensor(target),
                 "weight": torch.tensor([pos_weight] * n + [1.0] * (len(target) - n)),
                 "caption_id": [s["caption_id"] for s in samples]}
+
+    def pairs_in(self, batch: dict) -> int:
+        return len(batch["target"])
 
     # --- model -------------------------------------------------------------------------
     def build_head(self) -> nn.Module:
@@ -252,7 +262,7 @@ def score_pairs(net, ds: ITMDataset, pair_img: np.ndarray, pair_cap: np.ndarray,
             idx = order[s:min(s + batch, hi)]
             rows = torch.tensor([local[int(i)] for i in pair_img[idx]], device=device)
             txt, encoded = texts.get(pair_cap[idx])
-            logits = net.fuse(txt, _take(img, rows), encoded=encoded)
+            logits = net.fuse(txt, img.take(rows), encoded=encoded)
             out[idx] = torch.sigmoid(logits.float()).cpu().numpy()
             bar.update(len(idx))
     bar.close()
@@ -286,14 +296,10 @@ class _TextSides:
         """(text sides of ``caps``, whether they are already encoded)."""
         if self.cache is not None:
             rows = torch.from_numpy(np.searchsorted(self.captions, caps)).to(self.device)
-            return _take(self.cache, rows), True
+            return self.cache.take(rows), True
         unique, inverse = np.unique(caps, return_inverse=True)
-        return _take(self._encode(unique), torch.from_numpy(inverse).to(self.device)), \
+        return self._encode(unique).take(torch.from_numpy(inverse).to(self.device)), \
             self.text_only
-
-
-def _take(side: Side, index: torch.Tensor) -> Side:
-    return Side(side.x[index], side.mask[index], None if side.rel is None else side.rel[index])
 
 
 def mine_negatives(score, caption_image: np.ndarray, n_img: int, candidates: int, top_k: int,
