@@ -16,6 +16,7 @@ from core.arch import ArchError
 from core.cli import fail
 from core.config import ConfigError
 from core.data.npz import FeatureError
+from core.tasks.vqa.infer import load_model, top_answers
 from utils.checkpoint import CheckpointError
 
 
@@ -38,7 +39,6 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     if args.TOP < 1:
         fail(f"--TOP={args.TOP}: expected a number of answers >= 1")
-    from core.tasks.vqa.infer import load_model, top_answers    # torch: after --help
     try:
         net, task = load_model(args.CKPT_PATH, args.ARCH_PATH, args.ARCH_EPOCH, args.DATA_ROOT,
                                log=lambda m: print(m, file=sys.stderr))

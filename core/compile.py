@@ -70,7 +70,7 @@ def compile_net(net: nn.Module, cfg, device: torch.device, log,
 def compile_counters() -> dict:
     """Graphs compiled (a recompile adds one), frames captured and graph breaks so far in
     this process (torch._dynamo)."""
-    from torch._dynamo.utils import counters
+    counters = torch._dynamo.utils.counters
     return {"graphs": int(counters["stats"]["unique_graphs"]),
             "frames": int(counters["stats"]["calls_captured"]),
             "graph_breaks": int(sum(counters["graph_break"].values()))}
