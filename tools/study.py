@@ -3,8 +3,8 @@
     python3 tools/study.py --task vqa --DATASET=demo [--quick] [--seeds 3] [--random 8]
                            [--ARCH_PATH=arch.json --ARCH_EPOCH=N] [--KEY=VALUE ...]
 
-Every other ``--KEY=VALUE`` goes to every search and training of the study (``--search``
-and ``--train`` take quoted flags for one kind only). Writes ``table.md``, ``study.json``
+Every other ``--KEY=VALUE`` goes to every search and training of the study;
+``--search="--MAX_EPOCH=3 ..."`` and ``--train="..."`` to one kind only. Writes ``table.md``, ``study.json``
 and ``study.png`` to ``<LOG_ROOT>/<task>/study/<VERSION>/``; runs again with the same
 ``--VERSION`` reuse the finished runs.
 """
@@ -53,8 +53,8 @@ def parse(argv: list[str]):
     p.add_argument("--SEED", type=int, default=0, help="first seed (seeds SEED, SEED+1, ...)")
     p.add_argument("--VERSION", default="", help="study name (default: a timestamp)")
     p.add_argument("--LOG_ROOT", default="logs")
-    p.add_argument("--search", default="", help="quoted flags for the searches only")
-    p.add_argument("--train", default="", help="quoted flags for the trainings only")
+    p.add_argument("--search", default="", help='flags for the searches only: --search="--MAX_EPOCH=3"')
+    p.add_argument("--train", default="", help='flags for the trainings only: --train="--MAX_EPOCH=3"')
     args, flags = p.parse_known_args(argv)
     default_seeds, default_random = (2, 2) if args.quick else (3, 8)
     args.seeds = default_seeds if args.seeds is None else args.seeds
