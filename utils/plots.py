@@ -248,3 +248,26 @@ def attention_map(path, image_hw, boxes, region_weights, words, word_weights, li
             "words": list(zip(words, word_weights.tolist())), "lines": list(lines),
             "background": "image" if image is not None else "blank",
             "marked": dict(marked or {})}
+
+
+# --- studies -----------------------------------------------------------------------------
+def study_chart(path, rows: list[tuple[str, list[float]]], metric: str, title: str = "",
+                size=None) -> dict:
+    """One row per arm: a bar at the mean of its scores, the standard deviation as an error
+    bar, every score as a dot. Returns {label: (mean, std)}."""
+    drawn = {label: (float(np.mean(s)), float(np.std(s, ddof=1)) if len(s) > 1 else 0.0)
+             for label, s in rows}
+    fig = _figure(size or (760, 60 + 34 * len(rows)))
+    ax = fig.add_subplot(1, 1, 1)
+    for i, (label, scores) in enumerate(rows):
+        mean, std = drawn[label]
+        ax.barh(i, mean, xerr=std, color="#4c72b0" if "random" not in label else "#999999",
+                alpha=0.6, capsize=3)
+        ax.scatter(scores, [i] * len(scores), color="black", s=10, zorder=3)
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(metric)
+    ax.set_title(title or metric, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    return drawn

@@ -33,6 +33,8 @@ class Task:
     original_key_prefixes: tuple[tuple[str, str], ...] = ()
     # (batch key, words) of the list of sample ids every batch carries, for error messages
     batch_ids: tuple[str, str] = ("", "")
+    # the one number of ``metric()`` that ranks models (a study's table, its random search)
+    headline = ""
 
     def __init__(self, cfg, log):
         self.cfg, self.log = cfg, log

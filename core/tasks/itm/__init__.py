@@ -90,6 +90,7 @@ class ITMHead(PooledFusionHead):
 
 class ITMTask(Task):
     name = "itm"
+    headline = "rsum"
     datasets = ("flickr", "demo")
     batch_ids = ("caption_id", "caption indices (with their negatives)")
     original_key_prefixes = PooledFusionHead.ORIGINAL_KEY_PREFIXES      # the same head

@@ -74,6 +74,7 @@ class VGDHead(nn.Module):
 
 class VGDTask(Task):
     name = "vgd"
+    headline = "acc"
     datasets = tuple(SPLITS)
     batch_ids = ("sent_id", "sent ids")
     # full_vgd.py: x is the text (encoder), y the image regions (decoder)

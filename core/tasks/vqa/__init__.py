@@ -69,6 +69,7 @@ class VQADataset(Dataset):
 
 class VQATask(Task):
     name = "vqa"
+    headline = "overall"
     datasets = ("vqa", "demo")
     batch_ids = ("qid", "question ids")
     original_key_prefixes = PooledFusionHead.ORIGINAL_KEY_PREFIXES

@@ -1,0 +1,80 @@
+"""tools/study.py --quick: every arm of a search study, end to end, on a tiny VQA tree."""
+import json
+
+import pytest
+import torch
+
+from core import pictures
+from tests.runkit import DATA_SIZES
+from tools import study
+
+FLAGS = ["--DATASET=vqa", "--WORD_VECTORS=hash", "--ANSWER_DICT=", "--ANS_MIN_COUNT=1",
+         "--MAX_REGIONS=8", "--NW=0"]
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+    from demo.vqa import build_vqa_demo
+    base = tmp_path_factory.mktemp("study")
+    build_vqa_demo(base / "data", seed=0, sizes=DATA_SIZES)
+    # Each of the 18 runs would draw its own curves (the slowest part of a tiny run);
+    # tests/test_scripts.py checks those pictures, this test checks the study's.
+    # One thread: at these sizes a second one only waits (and on a loaded machine, spins).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pictures, "train_epoch", lambda *args: None)
+        patch.setattr(pictures, "search_epoch", lambda *args: None)
+        result = study.main(["--task", "vqa", "--quick", "--VERSION=q",
+                             f"--LOG_ROOT={base / 'logs'}", f"--DATA_ROOT={base / 'data'}",
+                             *FLAGS])
+    torch.set_num_threads(threads)
+    return result, base / "logs" / "vqa" / "study" / "q"
+
+
+def test_quick_study_trains_every_arm_with_every_seed(quick_study):
+    result, folder = quick_study
+    names = [a["name"] for a in result["arms"]]
+    assert names[:4] == ["search-prior", "search-uniform", "paper", "mcan"]
+    assert names[4].startswith("random search (random")
+    assert result["seeds"] == [0, 1] and len(result["random"]) == 2
+    for arm in result["arms"] + result["random"]:
+        assert [r["seed"] for r in arm["runs"]] == [0, 1]
+        assert all(0.0 <= s <= 100.0 for s in arm["scores"])
+        assert arm["params"] > 0 and arm["ms_per_sample"] > 0
+    # the uniform search started from equal alphas: its config has no prior
+    config = (folder / "runs" / "vqa" / "search" / "search-uniform" / "config.yaml").read_text()
+    assert "ENC_PRIOR: []" in config and "DEC_PRIOR: []" in config
+    # both searches and random search report what finding their architecture cost
+    assert all(a["cost_cpu_s"] > 0 for a in result["arms"] if a["kind"] != "paper"
+               and a["kind"] != "mcan")
+
+
+def test_random_search_picks_on_the_architecture_split_never_val(quick_study):
+    result, folder = quick_study
+    pick = next(a for a in result["arms"] if a["kind"] == "random search")
+    on_arch_split = [a["score_arch_split"] for a in result["random"]]
+    assert pick["score_arch_split"] == max(on_arch_split)
+    select = folder / "runs" / "vqa" / "train" / "random1-select"
+    assert "searcharch" in json.loads((select / "metrics.json").read_text())[0]
+    random_archs = json.loads((folder / "random_archs.json").read_text())
+    assert len(random_archs) == 2 and len(random_archs["epoch1"]["dec"]) == 18
+
+
+def test_quick_study_writes_table_json_and_chart(quick_study):
+    result, folder = quick_study
+    table = (folder / "table.md").read_text()
+    assert table.startswith("| vqa arm | overall mean ± std (2 seeds) |")
+    assert "| random (mean of 2) |" in table and "std of the random architectures" in table
+    saved = json.loads((folder / "study.json").read_text())
+    assert saved["verdict"].keys() == {"search-prior", "search-uniform"}
+    assert saved["arms"][2]["mean"] == pytest.approx(sum(saved["arms"][2]["scores"]) / 2)
+    assert (folder / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_study_reuses_finished_runs(quick_study, tmp_path):
+    result, folder = quick_study
+    base = folder.parents[3]
+    again = study.main(["--task", "vqa", "--quick", "--VERSION=q", f"--LOG_ROOT={base / 'logs'}",
+                        f"--DATA_ROOT={base / 'data'}", *FLAGS])
+    assert [a["scores"] for a in again["arms"]] == [a["scores"] for a in result["arms"]]
