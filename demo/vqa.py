@@ -18,6 +18,7 @@ Run ``python3 -m demo.vqa --root datasets/demo`` to build it.
 from __future__ import annotations
 
 import collections
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -272,6 +273,12 @@ def _raw_variant(truth: str, rng) -> str:
     return pick(rng, (truth.capitalize(), "a " + truth, "the " + truth, truth + "."))
 
 
+@functools.lru_cache(maxsize=None)
+def _normalized(answer: str) -> str:
+    """The official normalisation, once per distinct answer (the demo repeats a few dozen)."""
+    return normalize_result_answer(answer)
+
+
 def annotate(truth: str, rng) -> tuple[list[dict], str]:
     """Ten annotator answers with some disagreement, and the multiple-choice answer.
 
@@ -290,7 +297,7 @@ def annotate(truth: str, rng) -> tuple[list[dict], str]:
             text = _raw_variant(truth, rng) if sloppy[i] < 0.08 else truth
             conf = "yes" if conf_u[i] < 0.9 else ("maybe" if conf_u[i] < 0.98 else "no")
         answers.append({"answer": text, "answer_confidence": conf, "answer_id": i + 1})
-    counts = collections.Counter(normalize_result_answer(a["answer"]) for a in answers)
+    counts = collections.Counter(_normalized(a["answer"]) for a in answers)
     best = max(counts.values())
     mc = truth if counts[truth] == best else min(a for a, c in counts.items() if c == best)
     return answers, mc

@@ -56,7 +56,7 @@ def test_random_search_picks_on_the_architecture_split_never_val(quick_study):
     on_arch_split = [a["score_arch_split"] for a in result["random"]]
     assert pick["score_arch_split"] == max(on_arch_split)
     select = folder / "runs" / "vqa" / "train" / "random1-select"
-    assert "searcharch" in json.loads((select / "metrics.json").read_text())[0]
+    assert "searcharch" in json.loads((select / "metrics.json").read_text())["epochs"][0]
     random_archs = json.loads((folder / "random_archs.json").read_text())
     assert len(random_archs) == 2 and len(random_archs["epoch1"]["dec"]) == 18
 

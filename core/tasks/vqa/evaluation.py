@@ -124,9 +124,9 @@ def process_punctuation(text: str) -> str:
     otherwise it is replaced by a space ("x-ray" -> "x ray").
     """
     out = text
+    digit_group = _COMMA_STRIP.search(text) is not None    # the same for every mark
     for p in PUNCT:
-        if (p + " " in text or " " + p in text) or \
-                (re.search(_COMMA_STRIP, text) is not None):
+        if (p + " " in text or " " + p in text) or digit_group:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
