@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from core.config import resolve
-from core.data.text import PAD, WordVectorError, coverage, word_vectors
+from core.data.text import PAD, WordVectorError, cached_vocab_and_vectors, coverage, word_vectors
 from core.run import main, start
 from core.tasks.vqa import VQATask
 from core.train import run_train
@@ -46,6 +46,21 @@ def test_spacy_missing_or_without_vectors_is_a_word_vector_error(monkeypatch):
     assert "spaCy 2 only" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(WordVectorError, match="the model has no word vectors, expected 300-d"):
         word_vectors("spacy:en_core_web_sm", ["the"])
+
+
+def test_a_cache_of_another_embedding_size_is_computed_again(tmp_path):
+    corpus = tmp_path / "questions.txt"
+    corpus.write_text("what color is the bus\n")
+    lines = []
+
+    def vectors(dim):
+        return cached_vocab_and_vectors(tmp_path / "cache", [corpus], lambda: ["what color"],
+                                        "hash", dim, lines.append)[1]
+
+    assert vectors(300).shape[1] == 300
+    assert vectors(16).shape[1] == 16            # not the 300-d cache: a shape error later
+    assert sum("computing" in line for line in lines) == 2
+    assert vectors(16).shape[1] == 16 and sum("computing" in line for line in lines) == 2
 
 
 def test_coverage_counts_words_with_a_vector():

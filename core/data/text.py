@@ -173,10 +173,10 @@ def cached_vocab_and_vectors(cache_dir: Path, corpus_files: list[Path], texts,
         return vocab, None
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", source)[-60:]
     emb_file = cache_dir / f"emb_{stamp}_{slug}.npy"
-    if emb_file.exists():
-        vectors = np.load(emb_file)
-    else:
-        log(f"word vectors: computing {len(vocab)} vectors from {source}")
+    vectors = np.load(emb_file) if emb_file.exists() else None
+    if vectors is None or vectors.shape != (len(vocab), dim):
+        # a cache of another WORD_EMBED_SIZE (or a damaged one) is computed again
+        log(f"word vectors: computing {len(vocab)} vectors of size {dim} from {source}")
         vectors = word_vectors(source, list(vocab), dim)
         atomic_write(emb_file, lambda tmp: np.save(open(tmp, "wb"), vectors))
     log(f"vocabulary: {len(vocab)} tokens ({vocab_file}); word vectors: {source} ({emb_file})")
