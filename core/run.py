@@ -409,7 +409,18 @@ def device_of(cfg, log) -> torch.device:
         ids = [int(g) for g in str(cfg.GPU).split(",") if g.strip() != ""]
         return torch.device(f"cuda:{ids[0] if ids else 0}")
     log(f"no GPU found: running on CPU{f' ({dist.world()} processes, gloo)' if dist.active() else ''}")
+    if cfg.AMP == "bf16" and not cpu_has_bf16():
+        # oneDNN has no bf16 LSTM (nor fast bf16 matmuls) on such CPUs: it fails mid-epoch
+        raise config_mod.ConfigError(
+            f"AMP = 'bf16', but this CPU ({torch.backends.cpu.get_cpu_capability()}) has no "
+            f"bfloat16 support in oneDNN (it needs AVX512-BF16 or AMX); use --AMP=off")
     return torch.device("cpu")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 on this CPU (AVX512-BF16 / AMX)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return True if check is None else bool(check())
 
 
 def ensure_data(cfg, task, log) -> None:

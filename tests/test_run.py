@@ -167,6 +167,20 @@ def test_run_folder_that_cannot_be_created(finished, tmp_path, capsys, monkeypat
     assert (tmp_path / "logs").read_text() == "a file, not a folder"
 
 
+def test_bf16_on_a_cpu_without_bfloat16_is_one_line_and_no_folder(finished, tmp_path, capsys,
+                                                                    monkeypatch):
+    monkeypatch.setattr("core.run.cpu_has_bf16", lambda: False)
+    argv = [a for a in finished[1] if not a.startswith("--LOG_ROOT=")]
+    with pytest.raises(SystemExit) as e:
+        main(VQATask, "train", run_train, argv + [f"--LOG_ROOT={tmp_path}", "--AMP=bf16"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: AMP = 'bf16', but this CPU (") and \
+        err[-1].endswith("has no bfloat16 support in oneDNN (it needs AVX512-BF16 or AMX); "
+                         "use --AMP=off")
+    assert not (tmp_path / "vqa" / "train" / "r").exists()
+
+
 def test_full_disk_during_a_checkpoint_is_a_logged_error(finished, tmp_path, capsys,
                                                           monkeypatch):
     copy, argv = copy_run(finished, tmp_path)
