@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import demo  # noqa: E402,F401  (registers the --DATASET=demo builders)
 from core.cli import fail  # noqa: E402
 from core.run import user_errors  # noqa: E402
-from core.study import Plan, run_study  # noqa: E402
+from tools.study_arms import Plan, run_study  # noqa: E402
 from core.tasks.itm import ITMTask  # noqa: E402
 from core.tasks.vgd import VGDTask  # noqa: E402
 from core.tasks.vqa import VQATask  # noqa: E402
