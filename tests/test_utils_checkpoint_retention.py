@@ -66,14 +66,6 @@ def test_keep_one_is_refused():
         resolve("vqa", "train", {"CKPT_KEEP": 1})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_training_keeps_the_last_two_and_the_best_and_resumes_past_a_damaged_one(
         tmp_path_factory):
     base = tmp_path_factory.mktemp("retention")
