@@ -6,7 +6,7 @@ import torch
 
 from core import pictures
 from tests.runkit import DATA_SIZES
-from tools import study
+from tools import study, study_arms
 
 FLAGS = ["--DATASET=vqa", "--WORD_VECTORS=hash", "--ANSWER_DICT=", "--ANS_MIN_COUNT=1",
          "--MAX_REGIONS=8", "--NW=0"]
@@ -78,3 +78,30 @@ def test_study_reuses_finished_runs(quick_study, tmp_path):
     again = study.main(["--task", "vqa", "--quick", "--VERSION=q", f"--LOG_ROOT={base / 'logs'}",
                         f"--DATA_ROOT={base / 'data'}", *FLAGS])
     assert [a["scores"] for a in again["arms"]] == [a["scores"] for a in result["arms"]]
+
+
+def _arm(name, kind, scores):
+    return {"name": name, "kind": kind, **study_arms.summary(scores)}
+
+
+def test_separation_says_whether_the_data_makes_the_architecture_matter():
+    arms = [_arm("search-prior", "search", [51.0, 53.0]), _arm("paper", "paper", [49.0, 49.5]),
+            _arm("random search (random1)", "random search", [60.0, 60.0])]
+    randoms = [_arm("random1", "random", [50.0, 51.0])]
+    sep = study_arms.separation(arms, randoms)
+    # the random-search row repeats random1: it is not counted a second time
+    assert (sep["best"], sep["worst"]) == ("search-prior", "paper")
+    assert sep["gap"] == pytest.approx(52.0 - 49.25)
+    pooled = ((2.0 + 0.125 + 0.5) / 3) ** 0.5       # mean of the three seed variances
+    assert sep["seed_std"] == pytest.approx(pooled)
+    assert sep["separates"] is True                  # 2.75 > 2 x 0.935
+    close = study_arms.separation([_arm("paper", "paper", [49.0, 52.0])],
+                                  [_arm("random1", "random", [50.0, 51.0])])
+    assert close["separates"] is False               # 0.0 gap vs a 1.6 spread
+
+
+def test_quick_study_table_says_whether_the_architecture_matters(quick_study):
+    result, folder = quick_study
+    table = (folder / "table.md").read_text()
+    assert f"best ({result['separation']['best']}) - worst (" in table
+    assert "matters on this data" in table

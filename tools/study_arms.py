@@ -225,7 +225,8 @@ def run_study(plan: Plan, log=print) -> dict:
     result = {"task": task, "metric": plan.task_cls.headline, "seeds": plan.seeds,
               "flags": plan.flags, "search_flags": plan.search_flags,
               "train_flags": plan.train_flags, "arms": arms, "random": randoms,
-              "random_mean": random_mean, "verdict": verdicts(arms, random_mean)}
+              "random_mean": random_mean, "verdict": verdicts(arms, random_mean),
+              "separation": separation(arms, randoms)}
     table = format_table(result)
     log(table)
     atomic_write_text(plan.folder / "table.md", table + "\n")
@@ -255,6 +256,20 @@ def verdicts(arms: list[dict], random_mean: dict | None) -> dict:
     return out
 
 
+def separation(arms: list[dict], randoms: list[dict]) -> dict:
+    """Does the data make the architecture matter at all? The gap between the best and the
+    worst architecture (every arm and every random one, each a mean over the seeds) against
+    the pooled seed standard deviation; a gap of more than twice it separates them. Where
+    it does not, no arm can beat another on this data, the search included."""
+    rows = [a for a in arms if a["kind"] != "random search"] + list(randoms)
+    best = max(rows, key=lambda a: a["mean"])
+    worst = min(rows, key=lambda a: a["mean"])
+    seed_std = statistics.mean(a["std"] ** 2 for a in rows) ** 0.5
+    gap = best["mean"] - worst["mean"]
+    return {"best": best["name"], "worst": worst["name"], "gap": gap, "seed_std": seed_std,
+            "separates": gap > 2 * seed_std}
+
+
 def format_table(result: dict) -> str:
     """Markdown: one row per arm (and per random architecture), the verdicts below."""
     metric, n = result["metric"], len(result["seeds"])
@@ -271,6 +286,13 @@ def format_table(result: dict) -> str:
         params = f"{a['params'] / 1e6:.3f} M" if a.get("params") else ""
         lines.append(f"| {a['name']} | {a['mean']:.2f} ± {a['std']:.2f} | {params} | "
                      f"{a.get('ms_per_sample', 0.0):.2f} | {cost} | {arch_split} |")
+    sep = result.get("separation")
+    if sep:
+        ratio = f"{sep['gap'] / sep['seed_std']:.1f}x" if sep["seed_std"] > 0 else "n/a"
+        lines.append(f"\nbest ({sep['best']}) - worst ({sep['worst']}) = {sep['gap']:.2f}, "
+                     f"{ratio} the pooled seed std {sep['seed_std']:.2f}: the architecture "
+                     + ("matters on this data (more than 2x)" if sep["separates"] else
+                        "does not clearly matter on this data (2x or less)"))
     for name, v in result["verdict"].items():
         z = v.get("z_vs_random")
         lines.append(f"\n{name}: {v['vs_paper']:+.2f} vs the paper's architecture "
