@@ -105,3 +105,15 @@ def test_quick_study_table_says_whether_the_architecture_matters(quick_study):
     table = (folder / "table.md").read_text()
     assert f"best ({result['separation']['best']}) - worst (" in table
     assert "matters on this data" in table
+
+
+def test_table_names_the_operators_each_architecture_is_made_of():
+    arch = {"enc": [["self_att_64"], ["feed_forward"], ["feed_forward"]],
+            "dec": [["guided_att_64"], ["rel_self_att_64"], ["guided_att_64"]]}
+    assert study_arms.operator_counts(arch) == "encoder 2 FFN 1 SA; decoder 2 GA 1 RSA"
+
+
+def test_quick_study_table_lists_the_searched_architectures(quick_study):
+    result, folder = quick_study
+    table = (folder / "table.md").read_text()
+    assert "\nsearch-prior: encoder " in table and "\nmcan: encoder 6 FFN 6 SA; decoder " in table

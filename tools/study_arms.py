@@ -23,6 +23,7 @@ from pathlib import Path
 from core import config as config_mod
 from core.arch import Arch, load_arch
 from core.cli import parse_args
+from core.ops import ABBREV
 from core.run import start
 from core.search import run_search, split_for_search
 from core.train import run_train
@@ -270,6 +271,16 @@ def separation(arms: list[dict], randoms: list[dict]) -> dict:
             "separates": gap > 2 * seed_std}
 
 
+def operator_counts(arch: dict) -> str:
+    """What an architecture is made of, e.g. 'encoder 6 SA 6 FFN; decoder 7 RSA 4 SA ...'
+    (most used first)."""
+    def side(blocks):
+        names = [ABBREV.get(b[0], b[0]) for b in blocks]
+        return " ".join(f"{names.count(n)} {n}"
+                        for n in sorted(set(names), key=lambda n: (-names.count(n), n)))
+    return f"encoder {side(arch['enc'])}; decoder {side(arch['dec'])}"
+
+
 def format_table(result: dict) -> str:
     """Markdown: one row per arm (and per random architecture), the verdicts below."""
     metric, n = result["metric"], len(result["seeds"])
@@ -293,6 +304,9 @@ def format_table(result: dict) -> str:
                      f"{ratio} the pooled seed std {sep['seed_std']:.2f}: the architecture "
                      + ("matters on this data (more than 2x)" if sep["separates"] else
                         "does not clearly matter on this data (2x or less)"))
+    for arm in result["arms"]:
+        if arm["kind"] in ("search", "given", "paper", "mcan"):
+            lines.append(f"\n{arm['name']}: {operator_counts(arm['arch'])}")
     for name, v in result["verdict"].items():
         z = v.get("z_vs_random")
         lines.append(f"\n{name}: {v['vs_paper']:+.2f} vs the paper's architecture "
