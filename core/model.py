@@ -181,6 +181,15 @@ def _repeat(prior: list[str], n: int) -> list[str]:
     return [prior[i % len(prior)] for i in range(n)] if prior else [None] * n
 
 
+def prior_arch(cfg) -> Arch | None:
+    """The architecture the search starts from (the arg-max of the initial alphas), or None
+    when it starts from uniform alphas (ENC_PRIOR and DEC_PRIOR empty)."""
+    if not cfg.ENC_PRIOR or not cfg.DEC_PRIOR:
+        return None
+    return Arch(tuple(_repeat(cfg.ENC_PRIOR, cfg.ENC_BLOCKS)),
+                tuple(_repeat(cfg.DEC_PRIOR, cfg.DEC_BLOCKS)))
+
+
 def search_backbone(cfg) -> Backbone:
     """Supernet: every block a MixedOp, alphas initialised from the prior architecture."""
     spec = op_spec(cfg)

@@ -5,6 +5,9 @@ import pytest
 import torch
 
 from core import pictures
+from core.arch import Arch
+from core.config import resolve
+from core.model import prior_arch
 from tests.runkit import DATA_SIZES
 from tools import study, study_arms
 
@@ -117,3 +120,20 @@ def test_quick_study_table_lists_the_searched_architectures(quick_study):
     result, folder = quick_study
     table = (folder / "table.md").read_text()
     assert "\nsearch-prior: encoder " in table and "\nmcan: encoder 6 FFN 6 SA; decoder " in table
+
+
+def test_searched_arms_say_how_far_they_moved_from_their_prior():
+    cfg = resolve("vqa", "search", {})
+    prior = prior_arch(cfg)
+    assert prior.enc[:3] == ("self_att_64", "feed_forward", "self_att_64")
+    assert prior.dec[:4] == ("rel_self_att_64", "guided_att_64", "feed_forward", "rel_self_att_64")
+    moved = Arch(("feed_forward",) + prior.enc[1:], prior.dec[:-1] + ("guided_att_64",))
+    assert study_arms.blocks_off(prior, moved) == 2
+    assert prior_arch(resolve("vqa", "search", {"ENC_PRIOR": [], "DEC_PRIOR": []})) is None
+
+
+def test_quick_study_reports_blocks_off_the_prior(quick_study):
+    result, folder = quick_study
+    prior_arm, uniform_arm = result["arms"][:2]
+    assert 0 <= prior_arm["off_prior"] <= 30 and uniform_arm["off_prior"] is None
+    assert "blocks off the prior it started from)" in (folder / "table.md").read_text()

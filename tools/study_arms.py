@@ -25,6 +25,7 @@ from core.arch import Arch, load_arch
 from core.cli import parse_args
 from core.ops import ABBREV
 from core.run import start
+from core.model import prior_arch
 from core.search import run_search, split_for_search
 from core.train import run_train
 from utils import plots
@@ -136,10 +137,10 @@ def train_once(plan: Plan, version: str, arch_path: str, arch_epoch: int, seed: 
 
 # --------------------------------------------------------------------------- the arms
 
-def resolved(plan: Plan, kind: str):
+def resolved(plan: Plan, kind: str, extra: tuple[str, ...] = ()):
     """The config every run of ``kind`` gets (block counts, candidates, splits)."""
     own = plan.search_flags if kind == "search" else plan.train_flags
-    overrides = parse_args([*plan.flags, *own], plan.task_cls.datasets)
+    overrides = parse_args([*plan.flags, *own, *extra], plan.task_cls.datasets)
     return config_mod.resolve(plan.task_cls.name, kind, overrides)
 
 
@@ -181,10 +182,20 @@ def searched_arms(plan: Plan) -> list[dict]:
     for name, extra in (("search-prior", []),
                         ("search-uniform", ["--ENC_PRIOR=[]", "--DEC_PRIOR=[]"])):
         found = search_once(plan, name, extra)
+        prior = prior_arch(resolved(plan, "search", tuple(extra)))
+        arch = load_arch(found["arch_path"], found["arch_epoch"], *_blocks(plan))
         arms.append(train_arm(plan, name, "search", found["arch_path"], found["arch_epoch"],
                               cost_cpu_s=found["cpu_s"],
-                              score_arch_split=found["score_arch_split"]))
+                              score_arch_split=found["score_arch_split"],
+                              off_prior=None if prior is None else blocks_off(prior, arch)))
     return arms
+
+
+def blocks_off(prior: Arch, arch: Arch) -> int:
+    """Blocks where ``arch`` chose another operator than ``prior``: how far the search
+    moved from where it started."""
+    return (sum(a != b for a, b in zip(prior.enc, arch.enc))
+            + sum(a != b for a, b in zip(prior.dec, arch.dec)))
 
 
 def random_arms(plan: Plan) -> tuple[list[dict], dict]:
@@ -306,7 +317,10 @@ def format_table(result: dict) -> str:
                         "does not clearly matter on this data (2x or less)"))
     for arm in result["arms"]:
         if arm["kind"] in ("search", "given", "paper", "mcan"):
-            lines.append(f"\n{arm['name']}: {operator_counts(arm['arch'])}")
+            moved = ("" if arm.get("off_prior") is None else
+                     f" ({arm['off_prior']} of {len(arm['arch']['enc']) + len(arm['arch']['dec'])}"
+                     f" blocks off the prior it started from)")
+            lines.append(f"\n{arm['name']}: {operator_counts(arm['arch'])}{moved}")
     for name, v in result["verdict"].items():
         z = v.get("z_vs_random")
         lines.append(f"\n{name}: {v['vs_paper']:+.2f} vs the paper's architecture "
