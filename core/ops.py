@@ -282,11 +282,6 @@ def _registry() -> dict[str, Callable[[OpSpec], nn.Module]]:
 
 OPS = _registry()
 
-# Short names used in docs and logs.
-ABBREV = {"self_att_64": "SA", "guided_att_64": "GA", "rel_self_att_64": "RSA",
-          "feed_forward": "FFN"}
-
-
 def build_op(name: str, spec: OpSpec) -> nn.Module:
     if name not in OPS:
         raise KeyError(f"unknown operator {name!r}; valid names: {', '.join(sorted(OPS))}")

@@ -22,8 +22,8 @@ from core.loop import (autocast, build_net, checkpoint_payload, evaluate, format
                        stopped_message, to_device)
 from core.mixed import Architect, mixed_ops, weight_parameters
 from core.model import current_arch, search_backbone
-from core.ops import ABBREV
 from core.run import device_of, ensure_data
+from utils import plots
 from utils.checkpoint import load_weights, rng_state
 
 
@@ -150,9 +150,9 @@ def block_weights(net) -> str:
     for side in ("enc", "dec"):
         for i, m in enumerate(getattr(backbone, f"{side}_list")):
             probs = m.probs().tolist()
-            cells = " ".join(f"{ABBREV.get(n, n)} {p:.3f}" for n, p in zip(m.names, probs))
+            cells = " ".join(f"{plots.short(n)} {p:.3f}" for n, p in zip(m.names, probs))
             best = m.names[int(m.alpha.argmax())]
-            lines.append(f"  {side} {i:02d}: {cells}  -> {ABBREV.get(best, best)}")
+            lines.append(f"  {side} {i:02d}: {cells}  -> {plots.short(best)}")
     return "\n".join(lines)
 
 

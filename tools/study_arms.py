@@ -23,7 +23,6 @@ from pathlib import Path
 from core import config as config_mod
 from core.arch import Arch, load_arch
 from core.cli import parse_args
-from core.ops import ABBREV
 from core.run import start
 from core.model import prior_arch
 from core.search import run_search, split_for_search
@@ -286,7 +285,7 @@ def operator_counts(arch: dict) -> str:
     """What an architecture is made of, e.g. 'encoder 6 SA 6 FFN; decoder 7 RSA 4 SA ...'
     (most used first)."""
     def side(blocks):
-        names = [ABBREV.get(b[0], b[0]) for b in blocks]
+        names = [plots.short(b[0]) for b in blocks]
         return " ".join(f"{names.count(n)} {n}"
                         for n in sorted(set(names), key=lambda n: (-names.count(n), n)))
     return f"encoder {side(arch['enc'])}; decoder {side(arch['dec'])}"

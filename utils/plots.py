@@ -23,6 +23,7 @@ DPI = 100
 # its name, so that one operator has one colour in every picture.
 OP_COLOURS = {"self_att_64": "#4c72b0", "guided_att_64": "#dd8452", "rel_self_att_64": "#55a868",
               "feed_forward": "#c44e52", "skip_connect": "#bbbbbb", "none": "#ffffff"}
+# Short operator names: the one table for pictures, logs and the study tables.
 SHORT = {"self_att_64": "SA", "guided_att_64": "GA", "rel_self_att_64": "RSA",
          "feed_forward": "FFN"}
 # Operators that read the other modality (the decoder's read the encoded text).
