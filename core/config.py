@@ -184,6 +184,9 @@ KEYS: dict[str, Key] = {
                         "(at most ITM_NEG_CANDIDATES)", min=1),
     "ITM_POS_TWICE": Key("bool", True, "ITM: count the positive pair's BCE twice, as the "
                          "original does"),
+    "ITM_LOSS": Key("str", "bce", "ITM: 'bce' (the original's default) or 'margin' (the "
+                    "original's other loss: hinge 0.2 between the positive's and each "
+                    "negative's matching probability)", choices=("bce", "margin")),
     # --- model -------------------------------------------------------------------------------
     "HSIZE": Key("int", 512, "hidden size H", min=1),
     "WORD_EMBED_SIZE": Key("int", 300, "word-vector size", min=1),

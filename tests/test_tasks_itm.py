@@ -123,6 +123,16 @@ def test_loss_counts_the_positive_twice_by_default():
     assert float(task.loss(out, batch)) == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_margin_loss_is_the_original_hinge_on_matching_probabilities():
+    # pairs: 2 positives, their 2 negative captions, their 2 negative images (collate order)
+    probs = torch.tensor([0.7, 0.9, 0.6, 0.1, 0.2, 0.95])
+    out = torch.logit(probs)
+    task = ITMTask(small_cfg(DATASET="demo", ITM_LOSS="margin"), print)
+    # caption costs: 0.2+0.6-0.7 = 0.1, 0.2+0.1-0.9 < 0; image costs: 0.2+0.2-0.7 < 0,
+    # 0.2+0.95-0.9 = 0.25
+    assert float(task.loss(out, {})) == pytest.approx(0.1 + 0.25, abs=1e-5)
+
+
 def test_training_batch_carries_each_caption_and_image_once(dataset):
     cfg, ds = dataset
     task = ITMTask(small_cfg(DATASET="demo", MAX_REGIONS=REGIONS, IMG_FEAT_SIZE=24,

@@ -32,6 +32,7 @@ from utils.io import atomic_write
 from core.tasks.itm.retrieval import chance_r1, retrieval_metrics
 
 MAPPING_FILES = ("id_mapping.json", "dataset_flickr30k.json")
+MARGIN = 0.2               # ITM_LOSS = margin: the original's hinge margin
 IMAGE_GROUP = 16            # images whose regions are projected together when scoring pairs
 TEXT_CACHE_BYTES = 2**30    # encoded captions kept for a whole scoring pass up to this size
 # Named after the Flickr image file (1000092795.jpg.npz); the original also found '<id>.npz'.
@@ -179,7 +180,12 @@ class ITMTask(Task):
 
     def loss(self, out, batch):
         """BCE of the positive (counted twice by default, as the original), the negative
-        caption and the negative image, summed."""
+        caption and the negative image, summed; or (ITM_LOSS = margin) the hinge of each
+        negative's matching probability against the positive's, summed."""
+        if self.cfg.ITM_LOSS == "margin":
+            pos, neg_caption, neg_image = torch.sigmoid(out).chunk(3)
+            return ((MARGIN + neg_caption - pos).clamp(min=0).sum()
+                    + (MARGIN + neg_image - pos).clamp(min=0).sum())
         return F.binary_cross_entropy_with_logits(out, batch["target"], weight=batch["weight"],
                                                   reduction="sum")
 
