@@ -18,11 +18,18 @@ context regions fill up the rest.  Features carry attributes, not position.
 
 Captions are templated in five differently worded kinds (a single object, a
 list, a spatial relation, a count, an attribute statement), each mentioning 1-3
-objects, and together covering every object of the image.  Images come in
+objects, and together covering every object of the image.  Every image is set
+somewhere (a beach, a kitchen, ...): its distractor regions carry the setting and
+every caption ends by saying it, as Flickr captions name the scene ("... on the
+beach .").  The setting is the pairing signal a network finds first (without it
+the demo's networks stay at chance for ~200 steps: a caption's objects alone are
+a weak signal against random negatives); the objects then tell apart images of
+the same setting.  Images come in
 families of 2-3 near-duplicates that differ in one attribute or one object's
 position, and every family member has a caption showing that difference (the
 changed attribute, or a relation of the moved object where one is clear), so
-siblings are hard negatives that only the right details tell apart.
+siblings (which share their setting) are hard negatives that only the right
+details tell apart.
 
 Run ``python3 -m demo.itm --root datasets/demo`` to build it.
 """
@@ -43,7 +50,7 @@ from demo.scenes import REL_WORDS, SYNONYMS as _VQA_SYNONYMS, pick
 from utils.io import atomic_write_text
 from core.tasks.itm.retrieval import chance_r1
 
-VERSION = "itm-demo-1"
+VERSION = "itm-demo-2"
 SPLITS = ("train", "dev", "test")
 DEFAULT_SIZES = {"train": 1000, "dev": 100, "test": 100}  # images; ~5 ms each to write
 CAPTIONS_PER_IMAGE = 5
@@ -52,6 +59,12 @@ MAX_OBJECTS = 6           # 5 captions of 1-3 mentions can always cover up to 6 
 FAMILY_SIZES = (2, 3)
 MIN_MOVE = 120.0          # px a moved object's centre travels between siblings
 FEATURE_STEP = 1.0 / 16   # feature quantum (as in the VGD demo): keeps files small
+SETTING_WORDS = {"beach": ("on the beach", "at the beach"), "grass": ("on the grass", "on a lawn"),
+                 "snow": ("in the snow",), "street": ("on a street", "on the road"),
+                 "kitchen": ("in a kitchen",), "table": ("on a table", "on a wooden table"),
+                 "desk": ("on a desk",), "floor": ("on the floor",), "water": ("in the water",),
+                 "forest": ("in a forest", "in the woods")}
+SETTING_WEIGHT = (0.5, 1.0)   # a distractor region's setting prototype, times a uniform draw in this
 CHANGES = {"colour": 0.35, "material": 0.15, "size": 0.15, "shape": 0.15, "position": 0.2}
 
 # Words a caption may use for each attribute value: the VQA annotators' synonyms
@@ -96,7 +109,8 @@ class ItmImage:
     """One image: its scene, file name, family and five captions.
 
     ``variation`` is the family's difference (object index and the changed
-    attribute or ``"position"``), or None for a family of one.
+    attribute or ``"position"``), or None for a family of one; ``setting`` is
+    where the family is (a key of ``SETTING_WORDS``).
     """
 
     imgid: int
@@ -107,6 +121,7 @@ class ItmImage:
     width: int
     height: int
     objects: list[sc.Obj]
+    setting: str
     captions: list[Caption]
 
 
@@ -174,7 +189,7 @@ def _cap_single(objects, must, show, rng):
     idx = must[0] if must else int(rng.integers(len(objects)))
     forced = set(show.get(idx, ())) | set(rng.choice(("colour", "size", "material"), 2, replace=False))
     a_np, names = _mention(objects, idx, rng, {idx: tuple(forced)})
-    template = pick(rng, ("{a}", "{a} on a plain background", "an image of {a}", "a picture showing {a}",
+    template = pick(rng, ("{a}", "an image of {a}", "a picture showing {a}",
                            "there is {a} in the picture", "a photo of {a}"))
     return Caption(_finish(template.format(a=a_np)), "single", {idx: names}, {})
 
@@ -197,8 +212,8 @@ def _cap_list(objects, must, show, rng):
         a_np, mentions[i] = _mention(objects, i, rng, show)
         phrases.append(a_np)
     listed = _join(phrases)
-    template = pick(rng, ("{l}", "{l} on a plain background", "a picture of {l}", "some objects : {l}")
-                     if len(chosen) == 3 else ("{l}", "{l} together", "a picture of {l}", "{l} on a plain background"))
+    template = pick(rng, ("{l}", "a picture of {l}", "some objects : {l}")
+                     if len(chosen) == 3 else ("{l}", "{l} together", "a picture of {l}"))
     return Caption(_finish(template.format(l=listed)), "list", mentions, {})
 
 
@@ -274,7 +289,7 @@ def _cap_count(objects, must, show, rng):
         a_np, mentions[extra[0]] = _mention(objects, extra[0], rng, show)
         text = pick(rng, ("{g} and {a}", "{a} and {g}", "there are {g} and {a}")).format(g=group, a=a_np)
     else:
-        text = pick(rng, ("{g}", "there are {g} in the picture", "{g} on a plain background")).format(g=group)
+        text = pick(rng, ("{g}", "there are {g} in the picture", "there are {g}")).format(g=group)
     return Caption(_finish(text), "count", mentions, {"values": values, "count": len(members)})
 
 
@@ -358,8 +373,10 @@ def _caption_for(objects, must, show, kinds, rng, taken: set) -> Caption:
     raise RuntimeError(f"no new caption for objects {must} of a {len(objects)}-object scene")
 
 
-def make_captions(objects: list[sc.Obj], rng, variation: dict | None = None) -> list[Caption]:
-    """Five distinct captions that together mention every object of the scene.
+def make_captions(objects: list[sc.Obj], rng, variation: dict | None = None,
+                  setting: str | None = None) -> list[Caption]:
+    """Five distinct captions that together mention every object of the scene, each
+    ending with where the scene is when a ``setting`` is given.
 
     Kinds are used in a random order so the five read differently; with a
     ``variation`` the first one mentions the varied object showing the varied
@@ -377,9 +394,11 @@ def make_captions(objects: list[sc.Obj], rng, variation: dict | None = None) -> 
             kinds = [str(k) for k in rng.permutation(FOCUS_KINDS["position" if change == "position" else "attribute"])]
             show = {} if change == "position" else {focus: (change,)}
         cap = _caption_for(objects, must, show, kinds, rng, taken)
+        taken.add(cap.text)
+        if setting is not None:
+            cap.text = _finish(f"{cap.text[:-2]} {pick(rng, SETTING_WORDS[setting])}")
         captions.append(cap)
         covered |= set(cap.mentions)
-        taken.add(cap.text)
     return [captions[i] for i in rng.permutation(CAPTIONS_PER_IMAGE)]
 
 
@@ -478,14 +497,17 @@ def _plan_split(split: str, n: int, rng, names: list[str], first_imgid: int, fir
     while len(drafts) < n:
         want = min(int(rng.choice(FAMILY_SIZES)), n - len(drafts))
         width, height, layouts, variation = make_family(rng, want)
+        setting = pick(rng, sc.SETTINGS)
         for objects in layouts:
-            drafts.append((family, variation, width, height, objects, make_captions(objects, rng, variation)))
+            drafts.append((family, variation, width, height, objects, setting,
+                           make_captions(objects, rng, variation, setting)))
         family += 1
     drafts = [drafts[i] for i in rng.permutation(len(drafts))]
     images = []
-    for k, (fam, variation, width, height, objects, captions) in enumerate(drafts):
+    for k, (fam, variation, width, height, objects, setting, captions) in enumerate(drafts):
         imgid = first_imgid + k
-        images.append(ItmImage(imgid, names[imgid], split, fam, variation, width, height, objects, captions))
+        images.append(ItmImage(imgid, names[imgid], split, fam, variation, width, height, objects,
+                               setting, captions))
     return images, family
 
 
@@ -539,13 +561,15 @@ def make_regions(image: ItmImage, rng) -> sc.Scene:
     """The image's exactly-36-region detector output, shuffled, features quantised.
 
     Object regions first, then ``scenes``' background/part/context distractors
-    up to 36; features never encode position.
+    up to 36, each with the image's setting added; features never encode position.
     """
     regions = []
     for k, obj in enumerate(image.objects):
         regions += [(box, feat, k if is_object else -1) for box, feat, is_object in _object_regions(rng, obj)]
+    setting = sc.prototypes()[f"setting={image.setting}"]
     while len(regions) < NUM_BOXES:
-        regions.append((*sc.extra_region(rng, image.objects, image.width, image.height), -1))
+        box, feat = sc.extra_region(rng, image.objects, image.width, image.height)
+        regions.append((box, feat + setting * np.float32(rng.uniform(*SETTING_WEIGHT)), -1))
     boxes, feats, owner = zip(*regions)
     boxes = [sc.clip_box(b, image.width, image.height) for b in boxes]
     feats = np.round(np.stack(feats) / FEATURE_STEP) * FEATURE_STEP
@@ -594,6 +618,7 @@ def _stats(plan: dict[str, list[ItmImage]]) -> dict:
         "captions": {s: len(plan[s]) * CAPTIONS_PER_IMAGE for s in SPLITS},
         "families": {s: len({im.family for im in plan[s]}) for s in SPLITS},
         "images_with_siblings": sum(im.variation is not None for im in every),
+        "settings": len({im.setting for im in every}),
         "variations": dict(sorted(collections.Counter(
             im.variation["change"] for im in every if im.variation).items())),
         "caption_kinds": dict(sorted(collections.Counter(c.kind for c in caps).items())),

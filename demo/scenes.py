@@ -37,6 +37,9 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 }
 
 PROTOTYPE_SEED = 20200610  # fixed: feature semantics must not depend on a build seed
+# Where an image-text demo image is set: its distractor regions carry the setting, its captions
+# say it (demo/itm.py). Prototypes of these come after all others, which they leave unchanged.
+SETTINGS = ("beach", "grass", "snow", "street", "kitchen", "table", "desk", "floor", "water", "forest")
 PROTOTYPE_ACTIVE = 40      # non-zero dims per prototype (disjoint supports)
 SPATIAL_MARGIN = 25.0      # px; centre offsets below this are "neither side"
 NEAREST_GAP = 1.25         # runner-up must be this much farther to be "the" nearest
@@ -92,12 +95,13 @@ def prototypes() -> dict[str, np.ndarray]:
     """Sparse non-negative prototype per attribute value, plus object/background.
 
     Supports are disjoint so attribute values never blur into each other; keys
-    are ``"colour=red"`` etc., ``"object"`` (shared by all solids) and
-    ``"background"``.
+    are ``"colour=red"`` etc., ``"object"`` (shared by all solids),
+    ``"background"`` and ``"setting=beach"`` etc.
     """
     rng = np.random.default_rng(PROTOTYPE_SEED)
     keys = [f"{a}={v}" for a, vals in ATTRIBUTES.items() for v in vals]
     keys += ["object", "background"]
+    keys += [f"setting={v}" for v in SETTINGS]     # drawn last: the keys above stay as they were
     dims = rng.permutation(FEATURE_DIM)
     protos = {}
     for i, key in enumerate(keys):

@@ -162,6 +162,22 @@ def test_caption_kinds_on_hand_scene():
     assert itm._cap_count(objects, [0], {0: ("colour",)}, rng) is None  # never carries a focus
 
 
+def test_every_caption_says_the_setting_its_distractor_regions_carry(built):
+    _, stats, plan = built
+    images = [im for s in itm.SPLITS for im in plan[s]]
+    for image in images:
+        for cap in image.captions:
+            assert any(cap.text.endswith(f" {w} .") for w in itm.SETTING_WORDS[image.setting]), cap.text
+    assert stats["settings"] == len({im.setting for im in images}) > 1
+    for image in plan["dev"]:
+        regions = itm.make_regions(image, np.random.default_rng(0))
+        support = sc.prototypes()[f"setting={image.setting}"] > 0
+        carries = regions.regions_feat[:, support].mean(1) > 0.3
+        assert not carries[regions.region_object >= 0].any()     # objects look the same anywhere
+        # every region but an object's tight box, 1-2 copies and at most one part box
+        assert carries.sum() >= itm.NUM_BOXES - 4 * len(image.objects)
+
+
 # --------------------------------------------------------------------------- families
 
 
@@ -181,6 +197,7 @@ def test_near_duplicate_families(built):
         j, change = var["object"], var["change"]
         for a in members:
             assert a.variation == var and (a.width, a.height) == (members[0].width, members[0].height)
+            assert a.setting == members[0].setting      # hard negatives: the setting does not tell
             cap_attrs = [set(c.mentions.get(j, ())) for c in a.captions]
             if change != "position":  # the difference is shown in one of the captions
                 assert any(change in names for names in cap_attrs)
