@@ -137,3 +137,16 @@ def test_quick_study_reports_blocks_off_the_prior(quick_study):
     prior_arm, uniform_arm = result["arms"][:2]
     assert 0 <= prior_arm["off_prior"] <= 30 and uniform_arm["off_prior"] is None
     assert "blocks off the prior it started from)" in (folder / "table.md").read_text()
+
+
+@pytest.mark.parametrize("task", sorted(study.TASKS))
+def test_full_study_flags_are_valid_settings_of_both_kinds(task):
+    """The full study's per-task schedule (not run in the suite) resolves for search and
+    training; ITM's is the one the README's table was measured with."""
+    args, flags = study.parse(["--task", task, "--DATASET=demo"])
+    plan = study.plan_of(args, flags)
+    search, train = study_arms.resolved(plan, "search"), study_arms.resolved(plan, "train")
+    assert search.DATASET == train.DATASET == "demo" and len(plan.seeds) == 3
+    if task == "itm":
+        assert (train.MAX_EPOCH, train.BATCH_SIZE, train.ITM_HARD_NEG_EPOCH) == (1, 32, 99)
+        assert (search.MAX_EPOCH, search.ARCH_START_EPOCH, search.ARCH_EVAL_SAMPLES) == (2, 1, 250)

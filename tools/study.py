@@ -30,11 +30,14 @@ from core.tasks.vqa import VQATask  # noqa: E402
 TASKS = {"vqa": VQATask, "vgd": VGDTask, "itm": ITMTask}
 # The full study on the demo (2 searches + 44 trainings), (shared, search, train) flags:
 # shorter trainings than the demo configs' own, sized for about an hour per task on 2 idle
-# CPU cores from the demo's README timings (VQA ~29 s, VGD ~49 s per full epoch). ITM keeps
-# its demo schedule (8 epochs, ~10 minutes a training: not yet run as a full study).
+# CPU cores from the demo's README timings (VQA ~29 s, VGD ~49 s per full epoch). ITM: one
+# epoch of random negatives at B = 32 (156 steps; ~95 s plus ~40 s to rank the 100 dev images
+# against 500 captions), searches of 2 epochs scoring 50 images of the architecture split.
 FULL = {"vqa": (["--SUBSET=4000"], ["--MAX_EPOCH=4"], ["--MAX_EPOCH=4", "--LR_DECAY_EPOCHS=[3]"]),
         "vgd": (["--SUBSET=2000"], ["--MAX_EPOCH=3"], ["--MAX_EPOCH=3", "--LR_DECAY_EPOCHS=[2]"]),
-        "itm": ([], [], [])}
+        "itm": (["--BS=32", "--ITM_HARD_NEG_EPOCH=99", "--LR_DECAY_EPOCHS=[]"],
+                ["--MAX_EPOCH=2", "--ARCH_START_EPOCH=1", "--ARCH_EVAL_SAMPLES=250"],
+                ["--MAX_EPOCH=1"])}
 # --quick: the same path at tiny sizes (the test suite runs it).
 QUICK = {"all": ["--HSIZE=64", "--FLAT_MLP_SIZE=16", "--REL_SIZE=4", "--BS=16",
                  "--MAX_EPOCH=1", "--LR_WARMUP_EPOCHS=0", "--EVAL_BATCH_SIZE=64"],
