@@ -162,9 +162,16 @@ class Net(nn.Module):
     def forward(self, batch):
         txt = self.text_side(batch["txt"])
         img = self.image_side(batch["img"], batch["boxes"])
-        if "txt_rows" in batch:     # no dropout before here: sharing changes no number
-            txt, img = txt.take(batch["txt_rows"]), img.take(batch["img_rows"])
-        return self.fuse(txt, img)
+        if "txt_rows" not in batch:
+            return self.fuse(txt, img)
+        img = img.take(batch["img_rows"])
+        if self.backbone.encoder_reads_image:
+            return self.fuse(txt.take(batch["txt_rows"]), img)
+        # The encoder reads the text alone: each caption is encoded once for all its pairs
+        # (so in training its pairs share the encoder's dropout masks, as they would if the
+        # caption were embedded once, VSE-style; the expected gradient is unchanged).
+        encoded = self.backbone.encode(txt, None)
+        return self.fuse(encoded.take(batch["txt_rows"]), img, encoded=True)
 
 
 def op_spec(cfg) -> OpSpec:

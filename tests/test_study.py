@@ -106,8 +106,12 @@ def test_separation_says_whether_the_data_makes_the_architecture_matter():
 def test_quick_study_table_says_whether_the_architecture_matters(quick_study):
     result, folder = quick_study
     table = (folder / "table.md").read_text()
-    assert f"best ({result['separation']['best']}) - worst (" in table
-    assert "matters on this data" in table
+    sep = result["separation"]
+    assert f"best ({sep['best']}) - worst ({sep['worst']}) = {sep['gap']:.2f}, " in table
+    # the quick study's tiny runs may land either way; the sentence must say which
+    verdict = ("the architecture matters on this data (more than 2x)" if sep["separates"] else
+               "the architecture does not clearly matter on this data (2x or less)")
+    assert verdict in table
 
 
 def test_table_names_the_operators_each_architecture_is_made_of():

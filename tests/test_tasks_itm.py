@@ -153,12 +153,8 @@ def test_training_batch_carries_each_caption_and_image_once(dataset):
     assert torch.equal(task.collate([ds[0]])["txt"], task.collate([ds[0]])["txt"])
 
 
-def test_shared_sides_give_the_loss_and_gradients_of_three_separate_pairs(dataset):
-    """Each caption's and image's side computed once and indexed into its pairs trains
-    exactly as the three pairs through the whole network (dropout on: same masks)."""
-    cfg, ds = dataset
-    cfg = small_cfg(DATASET="demo", MAX_REGIONS=REGIONS, DROPOUT_R=0.1)
-    task = ITMTask(cfg, print)
+def _shared_and_separate(task, ds):
+    """A training batch of six samples, and the same pairs each with its own caption and image."""
     ds.set_negatives(np.stack([(np.arange(N_IMG) + 1) % N_IMG] * 2, 1),
                      np.stack([(ds.caption_image + 2) % N_IMG] * 2, 1), epoch=1)
     shared = task.collate([ds[j] for j in range(6)])
@@ -166,20 +162,55 @@ def test_shared_sides_give_the_loss_and_gradients_of_three_separate_pairs(datase
                     img=shared["img"][shared["img_rows"]],
                     boxes=shared["boxes"][shared["img_rows"]])
     del separate["txt_rows"], separate["img_rows"]
+    return shared, separate
+
+
+def _loss_and_grads(net, task, batch):
+    net.zero_grad()
+    torch.manual_seed(3)
+    loss = task.loss(net(batch), batch)
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in net.named_parameters()
+                           if p.grad is not None}
+
+
+def test_shared_sides_give_the_loss_and_gradients_of_three_separate_pairs(dataset):
+    """Each caption's side (embedding, LSTM, encoder) and image's side computed once and
+    indexed into its pairs trains exactly as the three pairs through the whole network."""
+    cfg, ds = dataset
+    cfg = small_cfg(DATASET="demo", MAX_REGIONS=REGIONS, DROPOUT_R=0.0)
+    task = ITMTask(cfg, print)
+    shared, separate = _shared_and_separate(task, ds)
     net = _net(cfg).train()
-    results = []
-    for batch in (shared, separate):
-        net.zero_grad()
-        torch.manual_seed(3)
-        loss = task.loss(net(batch), batch)
-        loss.backward()
-        results.append((loss.detach(), {k: p.grad.clone() for k, p in net.named_parameters()
-                                        if p.grad is not None}))
-    (loss_a, grads_a), (loss_b, grads_b) = results
+    (loss_a, grads_a), (loss_b, grads_b) = (_loss_and_grads(net, task, b)
+                                            for b in (shared, separate))
     assert torch.allclose(loss_a, loss_b, rtol=1e-6)
     assert grads_a.keys() == grads_b.keys() and "lstm.weight_hh_l0" in grads_a
     for k in grads_a:
         assert torch.allclose(grads_a[k], grads_b[k], rtol=1e-5, atol=1e-7), k
+
+
+@pytest.mark.parametrize("enc_ops, encoded_rows", [(("self_att_16", "feed_forward"), 12),
+                                                   (("guided_att_16", "feed_forward"), 18)])
+def test_the_encoder_runs_once_per_caption_unless_it_reads_the_image(dataset, enc_ops,
+                                                                     encoded_rows):
+    """6 samples = 12 distinct captions in 18 pairs: a text-only encoder sees 12 rows; one
+    that reads the image (guided attention) must encode every pair, and with dropout on,
+    its masks then match the separate pairs' exactly."""
+    cfg, ds = dataset
+    cfg = small_cfg(DATASET="demo", MAX_REGIONS=REGIONS, DROPOUT_R=0.1)
+    task = ITMTask(cfg, print)
+    shared, separate = _shared_and_separate(task, ds)
+    net = _net(cfg, enc_ops).train()
+    seen = []
+    net.backbone.enc_list[0].register_forward_hook(lambda m, args, out: seen.append(len(out)))
+    (loss_a, grads_a), (loss_b, grads_b) = (_loss_and_grads(net, task, b)
+                                            for b in (shared, separate))
+    assert seen == [encoded_rows, 18]
+    if encoded_rows == 18:
+        assert torch.allclose(loss_a, loss_b, rtol=1e-6)
+        for k in grads_a:
+            assert torch.allclose(grads_a[k], grads_b[k], rtol=1e-5, atol=1e-7), k
 
 
 def test_evaluation_of_a_caption_subset_scores_only_its_images(dataset):

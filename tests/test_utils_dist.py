@@ -42,10 +42,20 @@ ZERO_GRADIENT = ("attflat_img.mlp.linear.bias", "attflat_lang.mlp.linear.bias")
 
 
 def _assert_close(a, b):
+    """Equal to float tolerance, but for a handful of the ~2 M weights: where a gradient is
+    near zero, the two processes' differently rounded sums can differ in sign, and Adam
+    turns either sign into a full-size step (seen: at most 7 elements, under 4e-4 apart; a
+    missing all-reduce would move most of them)."""
     assert a.keys() == b.keys()
+    off, total = 0, 0
     for k in a:
-        if not k.endswith(ZERO_GRADIENT):
-            assert torch.allclose(a[k].float(), b[k].float(), atol=2e-5, rtol=1e-4), k
+        if k.endswith(ZERO_GRADIENT):
+            continue
+        x, y = a[k].float(), b[k].float()
+        off += int(((x - y).abs() > 2e-5 + 1e-4 * y.abs()).sum())
+        total += x.numel()
+        assert (x - y).abs().max() < 1e-3, k
+    assert off <= 1e-5 * total, f"{off} of {total} weights differ"
 
 
 def test_training_two_processes_equal_one(roots):
