@@ -114,6 +114,22 @@ def test_relation_prior_is_added_to_the_logits():
     assert torch.allclose(att(q, q, None, rel), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("hsize", [16, 32])            # one head (a matrix-vector product), two
+def test_relation_prior_gradients_are_the_linear_layers(hsize):
+    torch.manual_seed(0)
+    att = MHAtt(OpSpec(hsize, 0.0, 4), base=16, relation=True)
+    rel = torch.relu(torch.randn(2, 3, 3, 4)).requires_grad_()
+    g = torch.randn(2, hsize // 16, 3, 3)
+    (att.relation_prior(rel) * g).sum().backward()
+    ours = [rel.grad.clone(), att.linear_r.weight.grad.clone(), att.linear_r.bias.grad.clone()]
+    rel.grad = None
+    att.zero_grad()
+    plain = torch.relu(torch.nn.functional.linear(rel, att.linear_r.weight, att.linear_r.bias))
+    (plain.clamp(min=1e-6).log().permute(0, 3, 1, 2) * g).sum().backward()
+    for a, b in zip(ours, [rel.grad, att.linear_r.weight.grad, att.linear_r.bias.grad]):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_image_relation_by_hand():
     # box 0: x 0..9 (w 10), y 0..19 (h 20), centre (5, 10); box 1: x 20..24 (w 5), y 0..19
     boxes = torch.tensor([[[0.0, 0.0, 9.0, 19.0], [20.0, 0.0, 24.0, 19.0], [0, 0, 0, 0]]])
