@@ -164,14 +164,18 @@ class Net(nn.Module):
         img = self.image_side(batch["img"], batch["boxes"])
         if "txt_rows" not in batch:
             return self.fuse(txt, img)
-        img = img.take(batch["img_rows"])
+        # In training, a caption's pairs then share the encoder's dropout masks, as they
+        # would if the caption were embedded once, VSE-style (same expected gradient).
+        txt, encoded = self.shared_text(txt)
+        return self.fuse(txt.take(batch["txt_rows"]), img.take(batch["img_rows"]), encoded)
+
+    def shared_text(self, txt: Side) -> tuple[Side, bool]:
+        """(the part of the text side that pairs can share, whether it is encoded): the
+        encoded text when the encoder reads the text alone, else the side itself (the
+        encoder then runs per pair, inside ``fuse``)."""
         if self.backbone.encoder_reads_image:
-            return self.fuse(txt.take(batch["txt_rows"]), img)
-        # The encoder reads the text alone: each caption is encoded once for all its pairs
-        # (so in training its pairs share the encoder's dropout masks, as they would if the
-        # caption were embedded once, VSE-style; the expected gradient is unchanged).
-        encoded = self.backbone.encode(txt, None)
-        return self.fuse(encoded.take(batch["txt_rows"]), img, encoded=True)
+            return txt, False
+        return self.backbone.encode(txt, None), True
 
 
 def op_spec(cfg) -> OpSpec:

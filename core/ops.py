@@ -35,7 +35,7 @@ class LayerNorm(nn.Module):
         # Statistics in float32 even under bf16/fp16 autocast.
         x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         # The same formula as ``std(-1)``, spelt out: on CPUs ``Tensor.std`` over a short last
-        # dimension is ~7x slower than these elementwise ops (bench/bench_steps.py).
+        # dimension is several times slower than these elementwise ops (README, Performance).
         centred = x32 - x32.mean(-1, keepdim=True)
         std = (centred.square().sum(-1, keepdim=True) / (x32.size(-1) - 1)).sqrt()
         return (self.a_2 * centred / (std + self.eps) + self.b_2).to(x.dtype)
@@ -44,8 +44,8 @@ class LayerNorm(nn.Module):
 class Dropout(nn.Dropout):
     """``nn.Dropout`` whose CPU masks cost a quarter of the random draws.
 
-    PyTorch's CPU dropout draws one Mersenne-Twister number per element, ~30 % of a CPU
-    training step. Here each 64-bit draw gives four 16-bit uniform lanes; an element is kept
+    PyTorch's CPU dropout draws one Mersenne-Twister number per element, a quarter of the
+    demo's ITM training step in the torch profiler. Here each 64-bit draw gives four 16-bit uniform lanes; an element is kept
     when its lane is at or above ``round(p * 65536)``, so the drop rate is ``p`` to 1/65536.
     The draws come from the same global generator (seeded, saved in checkpoints), so runs
     stay reproducible and resumable. GPUs (Philox masks are cheap there) and compiled graphs

@@ -297,7 +297,7 @@ class _TextSides:
 
     def _encode(self, caps: np.ndarray) -> Side:
         side = self.net.text_side(torch.from_numpy(self.ds.tokens[caps]).to(self.device))
-        return self.net.backbone.encode(side, None) if self.text_only else side
+        return self.net.shared_text(side)[0]
 
     def get(self, caps: np.ndarray) -> tuple[Side, bool]:
         """(text sides of ``caps``, whether they are already encoded)."""
