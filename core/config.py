@@ -222,6 +222,9 @@ KEYS: dict[str, Key] = {
     "DEC_PRIOR": Key("list[str]", ["rel_self_att_64", "guided_att_64", "feed_forward"],
                      "alpha prior, repeated over the decoder blocks; ops of DEC_CANDIDATES",
                      choices=OP_NAMES),
+    "PRIOR_LOGIT": Key("float", 1.0, "how strongly the search starts at its prior: the prior's op "
+                       "gets alpha +v, the others -v (the original: 1; then the prior's op is "
+                       "drawn 71 % of the time in a decoder block)", above=0.0),
     "ARCH_SPLIT_RATIO": Key("float", 0.8, "search: first part of the train split for weights, "
                             "the rest (fixed order) for the architecture", above=0.0, below=1.0),
     "ARCH_EVAL_SAMPLES": Key("int", 0, "search: score the arg-max network on the first N samples "

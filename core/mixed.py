@@ -27,12 +27,13 @@ class MixedOp(nn.Module):
     vector, and ``involved`` the candidates whose outputs enter the gated sum.
     """
 
-    def __init__(self, names: list[str], spec: OpSpec, prior: str | None = None):
+    def __init__(self, names: list[str], spec: OpSpec, prior: str | None = None,
+                 prior_logit: float = 1.0):
         super().__init__()
         self.names = tuple(names)
         self.candidate_ops = nn.ModuleList(build_op(n, spec) for n in names)
-        init = torch.tensor([1.0 if n == prior else -1.0 for n in names]) if prior \
-            else torch.zeros(len(names))
+        init = torch.tensor([prior_logit if n == prior else -prior_logit for n in names]) \
+            if prior else torch.zeros(len(names))
         self.alpha = nn.Parameter(init)
         self.active = int(self.alpha.argmax())
         self.gates: torch.Tensor | None = None

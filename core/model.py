@@ -204,9 +204,9 @@ def prior_arch(cfg) -> Arch | None:
 def search_backbone(cfg) -> Backbone:
     """Supernet: every block a MixedOp, alphas initialised from the prior architecture."""
     spec = op_spec(cfg)
-    enc = [MixedOp(cfg.ENC_CANDIDATES, spec, p)
+    enc = [MixedOp(cfg.ENC_CANDIDATES, spec, p, cfg.PRIOR_LOGIT)
            for p in _repeat(cfg.ENC_PRIOR, cfg.ENC_BLOCKS)]
-    dec = [MixedOp(cfg.DEC_CANDIDATES, spec, p)
+    dec = [MixedOp(cfg.DEC_CANDIDATES, spec, p, cfg.PRIOR_LOGIT)
            for p in _repeat(cfg.DEC_PRIOR, cfg.DEC_BLOCKS)]
     return Backbone(enc, dec, cfg.REL_SIZE)
 

@@ -43,6 +43,11 @@ def run_search(cfg, task, run) -> dict:
     weight_set, arch_set = split_for_search(task.dataset(cfg.TRAIN_SPLIT), cfg.ARCH_SPLIT_RATIO)
     run.log(f"search: {len(weight_set)} samples for weights, {len(arch_set)} for the "
             f"architecture; mode {cfg.ARCH_MODE}")
+    scored = arch_eval_set(arch_set, cfg.ARCH_EVAL_SAMPLES)
+    baseline = task.baseline(weight_set, scored)
+    if baseline:     # what the arg-max network's score after each epoch is to be read against
+        run.log(f"baseline on the {len(scored)} scored samples of the architecture split: "
+                f"{format_metrics(baseline)}")
     if cfg.ARCH_START_EPOCH >= cfg.MAX_EPOCH:    # a warm-up stage, to be extended by --RESUME?
         run.log(f"warning: ARCH_START_EPOCH = {cfg.ARCH_START_EPOCH} with MAX_EPOCH = "
                 f"{cfg.MAX_EPOCH}: these epochs take no architecture step; arch.json will "

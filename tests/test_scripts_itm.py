@@ -31,7 +31,12 @@ def test_search_train_and_test(paths):
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-2000:]
     search = base / "logs" / "itm" / "search" / "s"
-    assert "arg-max sub-network on the architecture split: i2t" in (search / "log.txt").read_text()
+    log = (search / "log.txt").read_text()
+    assert "arg-max sub-network on the architecture split: i2t" in log
+    # SUBSET=12 images, 60 captions: the architecture split is the last 10 %, 6 captions of
+    # 2 images (1 and 5 of theirs): chance R@1 is 50 % both ways
+    assert "baseline on the 6 scored samples of the architecture split: chance_r1_i2t 50.00 " \
+        "| chance_r1_t2i 50.00" in log
 
     cfg, run, task = start(ITMTask, "train", QUICK + roots + [
         f"--ARCH_PATH={search / 'arch.json'}", "--ARCH_EPOCH=1", "--MAX_EPOCH=1", "--VERSION=t"])

@@ -28,6 +28,22 @@ def test_prior_initialises_alpha():
                                                   "feed_forward")
 
 
+@pytest.mark.parametrize("logit, drawn", [(1.0, 0.711), (2.0, 0.948)])
+def test_prior_logit_sets_how_often_weight_steps_draw_the_prior(logit, drawn):
+    """PRIOR_LOGIT=v: +v for the prior's op, -v for the others; the share of weight steps
+    that run the prior's op in a 4-candidate decoder block is e^v / (e^v + 3 e^-v)."""
+    net = supernet(small_cfg(PRIOR_LOGIT=logit))
+    block = net.backbone.dec_list[0]
+    assert block.alpha.tolist() == [-logit, logit, -logit, -logit]
+    gen = torch.Generator().manual_seed(0)
+    runs = []
+    for _ in range(4000):
+        block.sample(gen)
+        runs.append(block.active)
+    assert runs.count(1) / len(runs) == pytest.approx(drawn, abs=0.02)
+    assert net.backbone.enc_list[1].alpha.tolist() == [-logit, logit]
+
+
 def _gate_grads(net, b, gen, mode="full"):
     for m in mixed_ops(net):
         m.binarize(mode, gen)
