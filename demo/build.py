@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
 from typing import Callable
 
 from utils.io import atomic_write_json
+
+try:
+    import fcntl
+except ImportError:         # Windows
+    fcntl = None
 
 
 def resolve_sizes(defaults: dict, sizes: dict | None) -> dict:
@@ -30,11 +36,28 @@ def built_once(marker: Path, version: str, seed: int, sizes: dict,
     cached = read_marker(marker, version, seed, sizes)
     if cached is not None:
         return cached
-    marker.unlink(missing_ok=True)
-    stats = build()
-    atomic_write_json(marker, {"version": version, "seed": seed, "sizes": sizes, "stats": stats},
-                      compact=True)
+    with exclusive(marker.parent):
+        cached = read_marker(marker, version, seed, sizes)    # built while we waited
+        if cached is not None:
+            return cached
+        marker.unlink(missing_ok=True)
+        stats = build()
+        atomic_write_json(marker, {"version": version, "seed": seed, "sizes": sizes,
+                                   "stats": stats}, compact=True)
     return stats
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path):
+    """One builder at a time in ``folder``: the ranks of a first ``torchrun`` on the demo (or
+    parallel test workers) would otherwise write, and pack, the same files at once. The
+    others wait here, then find the finished build's marker. (No lock where ``fcntl`` is
+    missing, i.e. on Windows.)"""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".demo_lock", "a") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)      # released when the file closes
+        yield
 
 
 def read_marker(marker: Path, version: str, seed: int, sizes: dict) -> dict | None:

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from demo import scenes as sc
-from demo.build import built_once, cli, resolve_sizes
+from demo.build import built_once, cli, exclusive, resolve_sizes
 from demo.scenes import REL_WORDS, SYNONYMS as _VQA_SYNONYMS, pick
 from utils.io import atomic_write_text
 from core.data.pack import pack
@@ -640,7 +640,9 @@ def build_itm_demo(root: Path, seed: int = 0, sizes: dict | None = None) -> dict
     stats = built_once(root / "itm" / ".demo_complete", VERSION, seed, sizes,
                        lambda: _write_itm_demo(root, seed, sizes))
     if find_store([root / "itm" / "feats"], sc.FEATURE_DIM) is None:   # built before it had one
-        _pack(root)
+        with exclusive(root / "itm"):
+            if find_store([root / "itm" / "feats"], sc.FEATURE_DIM) is None:
+                _pack(root)
     return stats
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,15 +251,16 @@ def write_feature_file(path, scene: Scene) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez_compressed(
-            f,
-            x=np.ascontiguousarray(scene.regions_feat.T, dtype=np.float32),
-            bbox=scene.regions_box.astype(np.float32),
-            image_h=np.int64(scene.height),
-            image_w=np.int64(scene.width),
-            num_bbox=np.int64(len(scene.regions_box)),
-        )
+    arrays = {"x": np.ascontiguousarray(scene.regions_feat.T, dtype=np.float32),
+              "bbox": scene.regions_box.astype(np.float32),
+              "image_h": np.int64(scene.height), "image_w": np.int64(scene.width),
+              "num_bbox": np.int64(len(scene.regions_box))}
+    # np.savez_compressed's zlib level 6 was a third of a demo build; level 1 writes 2.4x
+    # faster, files a third larger, the same arrays (np.load reads any level)
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        for key, a in arrays.items():
+            with z.open(f"{key}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(a), allow_pickle=False)
     os.replace(tmp, path)
 
 

@@ -75,10 +75,15 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def demo_data(tmp_path_factory):
-    """One ``--DATA_ROOT`` shared by the end-to-end runs on ``--DATASET=demo``: the first run of
-    a task builds its demo data there (seconds), the later ones find it built."""
-    return tmp_path_factory.mktemp("demo-data")
+def demo_data(tmp_path_factory, worker_id):
+    """One ``--DATA_ROOT`` shared by the end-to-end runs on ``--DATASET=demo``, across the
+    pytest-xdist workers too: the first run of a task builds its demo data there (10-30 s on
+    one thread), the later ones find it built, or wait on the builder's lock
+    (``demo.build.exclusive``) and then find it."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base if worker_id == "master" else base.parent) / "demo-data"
+    root.mkdir(exist_ok=True)
+    return root
 
 
 @pytest.fixture

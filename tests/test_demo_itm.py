@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -276,6 +277,26 @@ def test_marker_short_circuits_and_is_written_last(tmp_path, monkeypatch):
     with pytest.raises(AssertionError):  # other sizes must rebuild
         itm.build_itm_demo(tmp_path, seed=1, sizes={"train": 4, "dev": 2, "test": 1})
     assert not (tmp_path / "itm" / ".demo_complete").exists()  # interrupted build is not "complete"
+
+
+def test_two_builders_at_once_build_it_once(tmp_path, monkeypatch):
+    """The ranks of a first torchrun on the demo each call the builder: the second waits on
+    the first's lock and finds its build (each feature file written once, one packing)."""
+    small = {"train": 6, "dev": 2, "test": 2}
+    written, packed = [], []
+    write, pack = itm.sc.write_feature_file, itm._pack
+    monkeypatch.setattr(itm.sc, "write_feature_file",
+                        lambda path, scene: (written.append(path), write(path, scene)))
+    monkeypatch.setattr(itm, "_pack", lambda root: (packed.append(root), pack(root)))
+    results = []
+    builders = [threading.Thread(target=lambda: results.append(
+        itm.build_itm_demo(tmp_path, seed=2, sizes=small))) for _ in range(2)]
+    for b in builders:
+        b.start()
+    for b in builders:
+        b.join()
+    assert len(results) == 2 and results[0] == results[1]
+    assert len(written) == sum(small.values()) and len(packed) == 1
 
 
 def test_bad_sizes_are_rejected(tmp_path):
