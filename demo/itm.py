@@ -648,8 +648,8 @@ def build_itm_demo(root: Path, seed: int = 0, sizes: dict | None = None) -> dict
 
 def _pack(root: Path) -> None:
     """The features again as a packed float16 store (``pack_features.py``), which the loader
-    then reads: ~1.9 ms to inflate a demo image's .npz is ~20 % of a search's weight step
-    (two images a sample). The demo's features are multiples of 1/16 below 5: exact in
+    then reads: ~1.9 ms to inflate a demo image's .npz is a quarter of a search's weight
+    step at B = 32 (two images a sample). The demo's features are multiples of 1/16 below 5: exact in
     float16, so runs read the same numbers either way."""
     pack([root / "itm" / "feats"], root / "itm" / STORE_NAME, "float16", sc.FEATURE_DIM,
          overwrite=True, progress=False)
