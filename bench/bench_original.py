@@ -56,7 +56,9 @@ Before timing, the original's weights are loaded into ours (utils.checkpoint.loa
 which maps released checkpoints) and both run one eval-mode forward on the batch (the search
 nets on the arg-max path): the largest logit difference is printed, so the rows time the
 same function. Each row warms both up (--warmup), then alternates ours / original for
---iters timed iterations (A B A B ...), in one process and one thread setting. Prints a
+--iters timed iterations (A B A B ...), in one process and one thread setting (and one
+malloc setting, ``--allocator``: it is the process's, so the original's step is timed under
+ours too unless ``--allocator system``; the scripts of this project set ``keep``). Prints a
 table (ms per sample and the original / ours ratio), the parameter counts of both networks,
 and writes JSON to bench/results/original.json.
 """
@@ -332,8 +334,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides (both networks), e.g. HSIZE=64 FLAT_MLP_SIZE=64")
+    ap.add_argument("--allocator", default="keep", choices=["keep", "system"],
+                    help="the process's malloc, for both networks: keep (glibc keeps freed "
+                         "memory, as our scripts set it; utils/allocator.py) or system")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "original.json"))
     args = ap.parse_args()
+    if args.allocator == "keep":
+        from utils.allocator import keep_freed_memory
+        print(f"allocator: {keep_freed_memory()} (both networks: one process)")
     missing = missing_file(args.original)
     if missing:
         ap.error(f"--original {args.original} does not look like a checkout of "
@@ -348,7 +356,8 @@ def main() -> None:
         for batch in args.batch:
             row = measure_pair(orig, step, batch, args.iters, args.warmup, args.threads,
                                bench_steps.overrides(args.set))
-            row.update(original=str(args.original.resolve()), original_commit=commit)
+            row.update(original=str(args.original.resolve()), original_commit=commit,
+                       allocator=args.allocator)
             rows.append(row)
             print(f"{step:<14} {batch:>3} {row['ms_per_sample_ours']:>15.2f} "
                   f"{row['ms_per_sample_original']:>19.2f} "

@@ -5,6 +5,7 @@
     python3 bench/bench_steps.py --tasks itm --steps train   # ITM: 3 pairs per sample
     python3 bench/bench_steps.py --tasks vqa --steps train --bucket off on    # length bucketing
     python3 bench/bench_steps.py --tasks vqa --steps train --compile off on --warmup 5
+    python3 bench/bench_steps.py --tasks vqa --steps train --allocator system keep
     python3 bench/bench_steps.py --device cuda ...    # on a GPU (bench/gpu.sh runs them all)
 
 Each row runs in a fresh process (so its peak resident memory is its own), with the same
@@ -13,7 +14,9 @@ synthetic batches of the paper's sizes: 14 tokens, 100 regions of 2048-d feature
 for training / evaluation and H = 256 for the search steps, the paper's architectures (ITM: 50
 tokens, 36 regions, a negative caption and image per sample). ``--bucket off|on`` rows step
 through the first 4 batches of a pool of VQA samples of 10-100 regions, in shuffled or
-bucketed order, and report the padded region rows per sample of the whole pool. Each row also
+bucketed order, and report the padded region rows per sample of the whole pool.
+``--allocator keep`` (the default, as the scripts run) sets glibc's malloc to keep freed
+memory (utils/allocator.py); ``system`` leaves it as it is. Each row also
 counts the step's FLOPs (torch.utils.flop_counter) and the fraction of ``--peak-tflops``
 reached. Prints a table and writes JSON to bench/results/steps.json.
 """
@@ -158,10 +161,14 @@ def step_flops(run) -> int:
 
 def measure(task: str, step: str, batch: int, amp: str, iters: int, threads: int,
             compiled: str = "off", bucket: str = "none", device: str = "cpu",
-            warmup: int = 2, peak_tflops: float = 989.0, overrides: dict | None = None) -> dict:
+            warmup: int = 2, peak_tflops: float = 989.0, overrides: dict | None = None,
+            allocator: str = "keep") -> dict:
     import torch
 
     from core.compile import compile_counters, compile_net
+    from utils.allocator import keep_freed_memory
+    if allocator == "keep":
+        keep_freed_memory()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     net, cfg, run, padding = build(task, step, batch, amp, bucket, device, overrides)
@@ -185,7 +192,7 @@ def measure(task: str, step: str, batch: int, amp: str, iters: int, threads: int
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if cuda else
                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"task": task, "step": step, "batch": batch, "amp": amp, "compile": compiled,
-            "bucket": bucket, "device": device, "threads": threads,
+            "bucket": bucket, "allocator": allocator, "device": device, "threads": threads,
             "ms_per_sample": 1000 * seconds / batch, "samples_per_s": batch / seconds,
             "peak_mb": peak_mb, "padded_rows_per_sample": padding,
             "tflops": flops / seconds / 1e12, "peak_fraction": flops / seconds / 1e12 / peak_tflops,
@@ -204,6 +211,9 @@ def main() -> None:
     ap.add_argument("--bucket", nargs="+", default=["none"], choices=["none", "off", "on"],
                     help="none: one batch; off/on: batches of a pool, shuffled / bucketed by "
                          "region count (VQA's 10-100 regions; other tasks have fixed counts)")
+    ap.add_argument("--allocator", nargs="+", default=["keep"], choices=["keep", "system"],
+                    help="keep: glibc's malloc keeps freed memory, as the scripts set it "
+                         "(utils/allocator.py); system: left as it is")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
@@ -218,16 +228,18 @@ def main() -> None:
                          "saves the start-up of a process per row)")
     ap.add_argument("--row", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.in_process and len(args.allocator) > 1:
+        ap.error("--allocator sets the whole process: give one with --in-process")
     if args.row:                      # child process: one measurement, JSON on stdout
-        task, step, batch, amp, compiled, bucket = args.row.split(":")
+        task, step, batch, amp, compiled, bucket, allocator = args.row.split(":")
         print(json.dumps(measure(task, step, int(batch), amp, args.iters, args.threads,
                                  compiled, bucket, args.device, args.warmup, args.peak_tflops,
-                                 overrides(args.set))))
+                                 overrides(args.set), allocator)))
         return
     rows = []
     print(f"{'task':<5} {'step':<14} {'B':>3} {'amp':>5} {'comp':>4} {'bucket':>6} "
           f"{'ms/sample':>10} {'samples/s':>10} {'peak MB':>8} {'pad/smp':>7} {'TFLOPS':>7} "
-          f"{'of peak':>7}")
+          f"{'of peak':>7} {'malloc':>6}")
     for task in args.tasks:
         for step in args.steps:
             for batch in args.batch:
@@ -236,8 +248,10 @@ def main() -> None:
                         for bucket in args.bucket:
                             if bucket != "none" and task != "vqa":
                                 continue
-                            rows.append(run_row(args, task, step, batch, amp, compiled, bucket))
-                            write_rows(rows, Path(args.out))     # kept if a later row hangs
+                            for allocator in args.allocator:
+                                rows.append(run_row(args, task, step, batch, amp, compiled,
+                                                    bucket, allocator))
+                                write_rows(rows, Path(args.out))  # kept if a later row hangs
     print(f"written {args.out}")
 
 
@@ -251,51 +265,54 @@ def overrides(pairs: list[str]) -> dict:
     return {k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in pairs)}
 
 
-def run_row(args, task, step, batch, amp, compiled, bucket) -> dict:
+def run_row(args, task, step, batch, amp, compiled, bucket, allocator) -> dict:
     """One row in a fresh process (its peak memory is its own) unless --in-process; printed
     as it comes."""
     if args.in_process:
-        row = in_process_row(args, task, step, batch, amp, compiled, bucket)
+        row = in_process_row(args, task, step, batch, amp, compiled, bucket, allocator)
     else:
-        row = child_row(args, task, step, batch, amp, compiled, bucket)
+        row = child_row(args, task, step, batch, amp, compiled, bucket, allocator)
     if "error" in row:
-        print(f"{task} {step} B={batch} {amp} compile={compiled} bucket={bucket}: failed: "
+        print(f"{task} {step} B={batch} {amp} compile={compiled} bucket={bucket} "
+              f"allocator={allocator}: failed: "
               f"{row['error'].strip().splitlines()[-1] if row['error'].strip() else '?'}",
               flush=True)
         return row
     print(f"{task:<5} {step:<14} {batch:>3} {amp:>5} {compiled:>4} {bucket:>6} "
           f"{row['ms_per_sample']:>10.2f} {row['samples_per_s']:>10.1f} {row['peak_mb']:>8.0f} "
           f"{row['padded_rows_per_sample']:>7.1f} {row['tflops']:>7.2f} "
-          f"{100 * row['peak_fraction']:>6.2f}%", flush=True)
+          f"{100 * row['peak_fraction']:>6.2f}% {row['allocator']:>6}", flush=True)
     return row
 
 
-def in_process_row(args, task, step, batch, amp, compiled, bucket) -> dict:
+def in_process_row(args, task, step, batch, amp, compiled, bucket, allocator) -> dict:
     import traceback
 
     import torch
     try:
         row = measure(task, step, batch, amp, args.iters, args.threads, compiled, bucket,
-                      args.device, args.warmup, args.peak_tflops, overrides(args.set))
+                      args.device, args.warmup, args.peak_tflops, overrides(args.set),
+                      allocator)
     except Exception:                                    # noqa: BLE001 (a row, not the bench)
         row = {"error": traceback.format_exc()}
     torch._dynamo.reset()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return {"task": task, "step": step, "batch": batch, "amp": amp, "compile": compiled,
-            "bucket": bucket, **row}
+            "bucket": bucket, "allocator": allocator, **row}
 
 
-def child_row(args, task, step, batch, amp, compiled, bucket) -> dict:
+def child_row(args, task, step, batch, amp, compiled, bucket, allocator) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--row", f"{task}:{step}:{batch}:{amp}:{compiled}:{bucket}",
+        [sys.executable, __file__, "--row",
+         f"{task}:{step}:{batch}:{amp}:{compiled}:{bucket}:{allocator}",
          "--iters", str(args.iters), "--threads", str(args.threads), "--device", args.device,
          "--warmup", str(args.warmup), "--peak-tflops", str(args.peak_tflops),
          "--set", *args.set],
         capture_output=True, text=True)
     if out.returncode != 0:
         return {"task": task, "step": step, "batch": batch, "amp": amp, "compile": compiled,
-                "bucket": bucket, "error": out.stderr[-2000:] or f"exit {out.returncode}"}
+                "bucket": bucket, "allocator": allocator, "error": out.stderr[-2000:] or f"exit {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -120,6 +120,10 @@ KEYS: dict[str, Key] = {
     "THREADS": Key("int", 0, "CPU threads of this process (torch.set_num_threads); 0: torch's "
                    "default (the machine's cores); give each of several jobs on one machine "
                    "its share", min=0, defines_run=False),
+    "KEEP_FREED_MEMORY": Key("bool", True, "CPU: glibc's malloc keeps freed memory for the "
+                             "next step instead of mapping large blocks afresh (page faults "
+                             "were a quarter of a CPU step; utils/allocator.py); off: the "
+                             "system's default", defines_run=False),
     "CKPT_KEEP": Key("int", 2, "checkpoints kept: the newest N (a resume needs the newest and "
                      "the one it falls back to if that is damaged: N >= 2) plus, in a "
                      "training, the best epoch's; 0: keep all", min=0, defines_run=False),
@@ -129,8 +133,8 @@ KEYS: dict[str, Key] = {
     "RESUME": Key("bool", False, "continue the run named by --VERSION exactly, from its last "
                   "checkpoint (or --CKPT_PATH); "
                   "only MAX_EPOCH, NUM_WORKERS, GPU, DATA_ROOT, DATA_LAYOUT, LOG_ROOT, VERSION, "
-                  "THREADS, CKPT_KEEP, TENSORBOARD, CKPT_PATH and TEST_SPLIT may differ from "
-                  "the saved config", defines_run=False),
+                  "THREADS, KEEP_FREED_MEMORY, CKPT_KEEP, TENSORBOARD, CKPT_PATH and "
+                  "TEST_SPLIT may differ from the saved config", defines_run=False),
     "CKPT_PATH": Key("str", "", "checkpoint to load: ours or the original's released format; "
                      "in a search, a supernet to warm-start from (weights and alphas); "
                      "with --RESUME the checkpoint to continue from",

@@ -28,6 +28,7 @@ from core.finite import assert_finite
 from core.records import check_tensorboard
 from core.tasks.base import DEMO_BUILDERS
 from utils import dist
+from utils.allocator import keep_freed_memory
 from utils.checkpoint import (CheckpointError, load_checkpoint, prune_checkpoints,
                               save_checkpoint)
 from utils.io import (WriteError, atomic_write_json, atomic_write_text, read_json,
@@ -320,6 +321,8 @@ def start(task_cls, kind: str, argv: list[str] | None = None):
         run.log(f"from the checkpoint's config ({cfg.CKPT_PATH}): "
                 + ", ".join(f"{k} {v}" for k, v in inherited.items()))
     use_threads(cfg.THREADS, run.log)
+    if cfg.KEEP_FREED_MEMORY:
+        run.log(f"memory: {keep_freed_memory()}")
     return cfg, run, task_cls(cfg, run.log)
 
 
