@@ -16,15 +16,14 @@ if sys.argv[1] == "keep":
     print(keep_freed_memory(), file=sys.stderr)
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-x = torch.randn(16384, 512)               # a network step with 64 MiB activations, above
-w1 = torch.randn(512, 1024, requires_grad=True)  # glibc's largest (dynamic) mmap threshold
-w2 = torch.randn(1024, 512, requires_grad=True)
+x = torch.randn(9216, 256)                # a step whose activations are 36 MiB, above
+w = torch.randn(256, 1024, requires_grad=True)   # glibc's largest (dynamic) mmap threshold
 def step():
-    (torch.relu(x @ w1) @ w2).square().sum().backward()
-for _ in range(5):                        # the heap reaches its steady size
+    (x @ w).relu().square().sum().backward()
+for _ in range(5):                        # the heap grows to its steady size
     step()
 start = faults()
-for _ in range(10):
+for _ in range(5):
     step()
 print(faults() - start)
 """
@@ -39,8 +38,9 @@ def page_faults(mode: str) -> int:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_freed_activations_are_reused_without_page_faults():
     system, kept = page_faults("system"), page_faults("keep")
-    assert system > 10 * 16384           # at least one 64 MiB activation mapped afresh a step
-    assert kept < system / 10            # measured: 1.07 M faults vs 8-41 k
+    assert system > 5 * 9216             # at least one 36 MiB activation mapped afresh a step
+    assert kept < system / 5             # measured: ~320,000 vs 0-37,000 (the heap still
+                                         # grows now and then: alignment leaves holes)
 
 
 def test_the_allocator_setting_says_what_it_did():
