@@ -6,6 +6,7 @@
     python3 bench/bench_steps.py --tasks vqa --steps train --bucket off on    # length bucketing
     python3 bench/bench_steps.py --tasks vqa --steps train --compile off on --warmup 5
     python3 bench/bench_steps.py --tasks vqa --steps train --allocator system keep
+    python3 bench/bench_steps.py --tasks vqa --batch 32 --steps search_arch --profile 12
     python3 bench/bench_steps.py --device cuda ...    # on a GPU (bench/gpu.sh runs them all)
 
 Each row runs in a fresh process (so its peak resident memory is its own), with the same
@@ -159,10 +160,26 @@ def step_flops(run) -> int:
     return int(counter.get_total_flops())
 
 
+def top_ops(run, n: int, cuda: bool) -> list[dict]:
+    """The ``n`` operators of one more step with the most self time (torch.profiler), each
+    with its share of the step's self time: where the step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        run()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages()     # operators, not annotated regions
+              if getattr(e, key) > 0 and "#" not in e.key]
+    total = sum(getattr(e, key) for e in events)
+    events.sort(key=lambda e: -getattr(e, key))
+    return [{"op": e.key, "self_ms": getattr(e, key) / 1000, "share": getattr(e, key) / total,
+             "calls": e.count} for e in events[:n]]
+
+
 def measure(task: str, step: str, batch: int, amp: str, iters: int, threads: int,
             compiled: str = "off", bucket: str = "none", device: str = "cpu",
             warmup: int = 2, peak_tflops: float = 989.0, overrides: dict | None = None,
-            allocator: str = "keep") -> dict:
+            allocator: str = "keep", profile: int = 0) -> dict:
     import torch
 
     from core.compile import compile_counters, compile_net
@@ -191,7 +208,8 @@ def measure(task: str, step: str, batch: int, amp: str, iters: int, threads: int
     seconds = (time.perf_counter() - t) / iters
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if cuda else
                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"task": task, "step": step, "batch": batch, "amp": amp, "compile": compiled,
+    top = top_ops(run, profile, cuda) if profile else []
+    return {"top_ops": top, "task": task, "step": step, "batch": batch, "amp": amp, "compile": compiled,
             "bucket": bucket, "allocator": allocator, "device": device, "threads": threads,
             "ms_per_sample": 1000 * seconds / batch, "samples_per_s": batch / seconds,
             "peak_mb": peak_mb, "padded_rows_per_sample": padding,
@@ -214,6 +232,9 @@ def main() -> None:
     ap.add_argument("--allocator", nargs="+", default=["keep"], choices=["keep", "system"],
                     help="keep: glibc's malloc keeps freed memory, as the scripts set it "
                          "(utils/allocator.py); system: left as it is")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, profile one more step and print its N operators "
+                         "with the most self time")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
@@ -234,7 +255,7 @@ def main() -> None:
         task, step, batch, amp, compiled, bucket, allocator = args.row.split(":")
         print(json.dumps(measure(task, step, int(batch), amp, args.iters, args.threads,
                                  compiled, bucket, args.device, args.warmup, args.peak_tflops,
-                                 overrides(args.set), allocator)))
+                                 overrides(args.set), allocator, args.profile)))
         return
     rows = []
     print(f"{'task':<5} {'step':<14} {'B':>3} {'amp':>5} {'comp':>4} {'bucket':>6} "
@@ -282,6 +303,9 @@ def run_row(args, task, step, batch, amp, compiled, bucket, allocator) -> dict:
           f"{row['ms_per_sample']:>10.2f} {row['samples_per_s']:>10.1f} {row['peak_mb']:>8.0f} "
           f"{row['padded_rows_per_sample']:>7.1f} {row['tflops']:>7.2f} "
           f"{100 * row['peak_fraction']:>6.2f}% {row['allocator']:>6}", flush=True)
+    for op in row.get("top_ops", []):
+        print(f"      {op['op']:<32} {op['self_ms']:9.1f} ms {100 * op['share']:5.1f} % "
+              f"({op['calls']} calls)", flush=True)
     return row
 
 
@@ -292,7 +316,7 @@ def in_process_row(args, task, step, batch, amp, compiled, bucket, allocator) ->
     try:
         row = measure(task, step, batch, amp, args.iters, args.threads, compiled, bucket,
                       args.device, args.warmup, args.peak_tflops, overrides(args.set),
-                      allocator)
+                      allocator, args.profile)
     except Exception:                                    # noqa: BLE001 (a row, not the bench)
         row = {"error": traceback.format_exc()}
     torch._dynamo.reset()
@@ -308,6 +332,7 @@ def child_row(args, task, step, batch, amp, compiled, bucket, allocator) -> dict
          f"{task}:{step}:{batch}:{amp}:{compiled}:{bucket}:{allocator}",
          "--iters", str(args.iters), "--threads", str(args.threads), "--device", args.device,
          "--warmup", str(args.warmup), "--peak-tflops", str(args.peak_tflops),
+         "--profile", str(args.profile),
          "--set", *args.set],
         capture_output=True, text=True)
     if out.returncode != 0:

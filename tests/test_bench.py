@@ -27,11 +27,15 @@ def test_bucketed_vqa_batches_pad_less_than_shuffled_ones():
     assert padding["on"] < padding["off"] / 3 and padding["off"] > 10
 
 
-def test_itm_train_row_counts_flops_and_the_fraction_of_peak():
+def test_itm_train_row_counts_flops_the_fraction_of_peak_and_where_time_goes():
     row = bench_steps.measure("itm", "train", 2, "off", iters=1, threads=1, warmup=0,
-                              peak_tflops=1.0, overrides=TINY)
+                              peak_tflops=1.0, overrides=TINY, profile=3)
     assert row["task"] == "itm" and row["ms_per_sample"] > 0 and row["padded_rows_per_sample"] == 0
     assert row["tflops"] > 0 and abs(row["peak_fraction"] - row["tflops"]) < 1e-12
+    top = row["top_ops"]                 # --profile 3: the step's three costliest operators
+    assert len(top) == 3 and all(op["op"].startswith("aten::") for op in top)
+    assert top[0]["self_ms"] >= top[1]["self_ms"] >= top[2]["self_ms"] > 0
+    assert 0 < sum(op["share"] for op in top) < 1
 
 
 def test_original_bench_names_the_file_a_wrong_checkout_lacks(tmp_path):
