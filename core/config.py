@@ -122,7 +122,7 @@ KEYS: dict[str, Key] = {
                    "its share", min=0, defines_run=False),
     "KEEP_FREED_MEMORY": Key("bool", True, "CPU: glibc's malloc keeps freed memory for the "
                              "next step instead of mapping large blocks afresh (page faults "
-                             "were a quarter of a CPU step; utils/allocator.py); off: the "
+                             "were a quarter of a CPU step; utils/allocator.py); false: the "
                              "system's default", defines_run=False),
     "CKPT_KEEP": Key("int", 2, "checkpoints kept: the newest N (a resume needs the newest and "
                      "the one it falls back to if that is damaged: N >= 2) plus, in a "

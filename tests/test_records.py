@@ -166,4 +166,16 @@ def test_threads_flag_sets_and_logs_the_thread_count(data, tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
-    assert "threads: 2 of " in (run.folder / "log.txt").read_text()
+    log = (run.folder / "log.txt").read_text()
+    assert "threads: 2 of " in log
+    # KEEP_FREED_MEMORY (on by default) says what it did to this process's malloc
+    assert "memory: glibc malloc keeps freed memory" in log or "memory: system allocator" in log
+
+
+def test_keep_freed_memory_off_leaves_malloc_alone_and_says_nothing(data, tmp_path):
+    from core.run import start
+    base, common = data
+    argv = [a for a in common if not a.startswith("--LOG_ROOT")] + [
+        f"--LOG_ROOT={tmp_path}", "--VERSION=km", "--KEEP_FREED_MEMORY=false"] + train_flags(base)
+    _, run, _ = start(VQATask, "train", argv)
+    assert "memory:" not in (run.folder / "log.txt").read_text()
