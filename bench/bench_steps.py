@@ -209,12 +209,12 @@ def measure(task: str, step: str, batch: int, amp: str, iters: int, threads: int
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if cuda else
                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     top = top_ops(run, profile, cuda) if profile else []
-    return {"top_ops": top, "task": task, "step": step, "batch": batch, "amp": amp, "compile": compiled,
+    return {"task": task, "step": step, "batch": batch, "amp": amp, "compile": compiled,
             "bucket": bucket, "allocator": allocator, "device": device, "threads": threads,
             "ms_per_sample": 1000 * seconds / batch, "samples_per_s": batch / seconds,
             "peak_mb": peak_mb, "padded_rows_per_sample": padding,
             "tflops": flops / seconds / 1e12, "peak_fraction": flops / seconds / 1e12 / peak_tflops,
-            "warmup_s": warmup_s, **({"compile_counters": compile_counters()}
+            "warmup_s": warmup_s, "top_ops": top, **({"compile_counters": compile_counters()}
                                      if compiled == "on" else {})}
 
 
@@ -337,7 +337,8 @@ def child_row(args, task, step, batch, amp, compiled, bucket, allocator) -> dict
         capture_output=True, text=True)
     if out.returncode != 0:
         return {"task": task, "step": step, "batch": batch, "amp": amp, "compile": compiled,
-                "bucket": bucket, "allocator": allocator, "error": out.stderr[-2000:] or f"exit {out.returncode}"}
+                "bucket": bucket, "allocator": allocator,
+                "error": out.stderr[-2000:] or f"exit {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

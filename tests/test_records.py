@@ -172,7 +172,7 @@ def test_threads_flag_sets_and_logs_the_thread_count(data, tmp_path):
     assert "memory: glibc malloc keeps freed memory" in log or "memory: system allocator" in log
 
 
-def test_keep_freed_memory_off_leaves_malloc_alone_and_says_nothing(data, tmp_path):
+def test_keep_freed_memory_off_is_accepted_and_not_logged(data, tmp_path):
     from core.run import start
     base, common = data
     argv = [a for a in common if not a.startswith("--LOG_ROOT")] + [
